@@ -1,0 +1,49 @@
+# geoclus: every target sets up what it needs on a fresh machine.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+DEBS    := libnbd-bin qemu-utils fio nbdkit
+DEBSTAMP := $(VENV)/.debs
+
+.PHONY: all venv debs test lint demo bench clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian packages the tests, demo and benchmark use (real NBD clients, fio, nbdkit).
+# Installed with apt-get when running as root and any is missing.
+$(DEBSTAMP): $(STAMP)
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
+	  else echo "warning: missing Debian packages:$$missing (not root, not installing)"; fi; \
+	fi
+	touch $(DEBSTAMP)
+
+debs: $(DEBSTAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check geoclus replicator quorum bench tests
+	$(VENV)/bin/ruff format --check geoclus replicator quorum bench tests
+
+test: $(STAMP) $(DEBSTAMP) lint
+	$(VPY) -m pytest -q
+
+demo: $(STAMP) $(DEBSTAMP)
+	$(VENV)/bin/geoclus demo
+
+bench: $(STAMP) $(DEBSTAMP)
+	$(VPY) -m bench.replication
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache

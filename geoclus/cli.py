@@ -1,0 +1,165 @@
+"""The ``geoclus`` command line: a thin client of the library and the daemon.
+
+Every command that prints state has ``--json``. Errors print one line and exit
+non-zero; a :class:`~geoclus.errors.GeoclusError` never shows a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from geoclus.errors import GeoclusError
+
+
+class _Group(click.Group):
+    """A click group that turns GeoclusError into one readable line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except GeoclusError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="geoclus")
+def main() -> None:
+    """geoclus: geo-cluster block replication (sync and ordered async) with an NBD export."""
+
+
+@main.group(cls=_Group)
+def volume() -> None:
+    """Run and inspect one site's copy of a replicated volume."""
+
+
+@volume.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="The site's TOML configuration file.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def serve(config_path: str, verbose: bool) -> None:
+    """Run this site's copy of the volume until SIGTERM/SIGINT."""
+    import trio
+
+    from geoclus.config import load_config
+    from geoclus.daemon import Daemon
+
+    cfg = load_config(config_path)
+    _setup_logging(verbose)
+    trio.run(Daemon(cfg).run)
+
+
+def _control_path(config_path: str) -> str:
+    from geoclus.config import load_config
+
+    return load_config(config_path).control_socket
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} ms"
+
+
+def _fmt_status(s: dict[str, Any]) -> str:
+    from replicator.units import format_size
+
+    lines = [
+        f"volume {s['volume']} (node {s['node']}): {s['role']}, {s['mode']} mode, "
+        f"generation {s['generation']}",
+    ]
+    if s["connected"]:
+        lines.append(f"  connection:     connected to {s['peer']}")
+    else:
+        err = f" (last error: {s['last_error']})" if s.get("last_error") else ""
+        lines.append(f"  connection:     disconnected{err}")
+    lines.append(f"  consistency:    {s['consistency']}")
+    if s["role"] == "primary":
+        if s.get("suspended"):
+            lines.append(
+                "  WRITES SUSPENDED: sync mode and the peer is not replicating; restore the "
+                "link or run `geoclus volume allow-degraded`"
+            )
+        if s.get("peer_outdated"):
+            lines.append("  peer:           OUTDATED (changes tracked in the dirty bitmap; "
+                         "needs a resync)")
+        if s.get("degraded_allowed"):
+            lines.append("  degraded:       allowed by the operator (writes complete locally)")
+        lines.append(f"  in flight:      {s['in_flight_writes']} writes")
+        lines.append(
+            f"  lag:            {format_size(s['lag_bytes'])}, {s['lag_writes']} writes, "
+            f"{s['lag_seconds']:.3f} s (largest seen {format_size(s['max_lag_bytes_seen'])})"
+        )
+        lines.append(f"  dirty:          {format_size(s['dirty_bytes'])}")
+        lines.append(
+            f"  writes:         {s['writes']} ({format_size(s['bytes_written'])}); latency "
+            f"p50 {_ms(s['write_latency_p50_ms'])}, p99 {_ms(s['write_latency_p99_ms'])}"
+        )
+        lines.append(f"  sequence:       last {s['last_seq']}, peer applied "
+                     f"{s['peer_applied_seq']}, peer durable {s['peer_durable_seq']}")
+    else:
+        lines.append(f"  sequence:       applied {s['applied_seq']}, durable {s['durable_seq']}")
+    lines.append(f"  round trip:     {_ms(s.get('rtt_p50_ms'))} (p50)")
+    return "\n".join(lines)
+
+
+@volume.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def status(config_path: str, as_json: bool) -> None:
+    """Show role, mode, connection, lag, dirty bytes and write latency."""
+    from geoclus.control import request
+
+    answer = request(_control_path(config_path), "status")
+    if as_json:
+        click.echo(json.dumps(answer["status"], indent=2, sort_keys=True))
+    else:
+        click.echo(_fmt_status(answer["status"]))
+
+
+@volume.command("allow-degraded")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+def allow_degraded(config_path: str) -> None:
+    """Let a suspended sync primary complete writes without its peer.
+
+    The peer is then behind; the writes are shipped when it returns, or tracked
+    in the dirty bitmap if the log overflows.
+    """
+    from geoclus.control import request
+
+    answer = request(_control_path(config_path), "allow-degraded")
+    click.echo(f"degraded running allowed; {answer['released_writes']} blocked writes released")
+
+
+@volume.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+def stop(config_path: str) -> None:
+    """Ask the daemon to shut down cleanly (same as SIGTERM)."""
+    from geoclus.control import request
+
+    request(_control_path(config_path), "shutdown")
+    click.echo("shutdown requested")
+
+
+def _attach_subcommands() -> None:
+    import importlib
+
+    for module, name in (("geoclus.ca_cli", "ca"), ("geoclus.linkemu_cli", "linkemu"),
+                         ("geoclus.demo", "demo")):
+        try:
+            main.add_command(getattr(importlib.import_module(module), name))
+        except ModuleNotFoundError:  # TEMP during bring-up
+            pass
+
+
+_attach_subcommands()

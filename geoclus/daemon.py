@@ -1,0 +1,184 @@
+"""The site daemon: one site's copy of one volume, its replication link, its NBD
+export and its control socket (``geoclus volume serve --config FILE``).
+
+Shutdown (SIGTERM, SIGINT or the ``shutdown`` control command) is orderly: new
+writes are refused, writes in flight complete or fail, the peer is drained for
+at most ``drain_timeout_s``, the store is synced and the metadata records a
+clean stop. Nothing is half-applied: a write that was sequenced is applied
+locally to its end even while the daemon stops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from geoclus.config import DaemonConfig
+from geoclus.control import serve_control
+from geoclus.errors import ControlError, GeoclusError
+from geoclus.nbd.server import NbdServer
+from replicator.frames import Role
+from replicator.volume import ReplicatedVolume
+
+log = logging.getLogger("geoclus.daemon")
+
+# Bound on the TLS handshake of an incoming replication connection, so a
+# client that connects and says nothing cannot hold a task forever.
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class DaemonAddresses:
+    """Where a started daemon listens (ports resolved when 0 was configured)."""
+
+    replication: tuple[str, int]
+    nbd_unix: str | None
+    nbd_tcp: tuple[tuple[str, int], ...]
+    control: str
+
+
+def _tls_contexts(cfg: DaemonConfig) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    if cfg.tls is None:
+        return None, None
+    from geoclus.ca import client_ssl_context, server_ssl_context
+
+    return (
+        server_ssl_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key),
+        client_ssl_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key),
+    )
+
+
+def _check_peer_name(cfg: DaemonConfig, stream: trio.SSLStream[Any]) -> str:
+    from geoclus.ca import peer_node_name
+
+    name = peer_node_name(stream)
+    if cfg.tls is not None and cfg.tls.peer_node is not None and name != cfg.tls.peer_node:
+        raise GeoclusError(
+            f"peer presented a certificate for {name!r}, expected {cfg.tls.peer_node!r} "
+            "(replication.tls.peer_node)"
+        )
+    return name
+
+
+class Daemon:
+    """Runs one volume's site: see the module docstring."""
+
+    def __init__(self, cfg: DaemonConfig) -> None:
+        self.cfg = cfg
+        self.volume: ReplicatedVolume | None = None
+        self._shutdown = trio.Event()
+        self._server_ctx, self._client_ctx = _tls_contexts(cfg)
+        self.nbd: NbdServer | None = None
+
+    def request_shutdown(self) -> None:
+        self._shutdown.set()
+
+    async def _connect(self) -> trio.abc.Stream:
+        peer = self.cfg.peer
+        assert peer is not None
+        stream: trio.abc.Stream = await trio.open_tcp_stream(peer.host, peer.port)
+        if self._client_ctx is not None:
+            tls = trio.SSLStream(stream, self._client_ctx, server_hostname=None)
+            await tls.do_handshake()
+            _check_peer_name(self.cfg, tls)
+            stream = tls
+        return stream
+
+    async def _incoming(self, stream: trio.SocketStream) -> None:
+        vol = self.volume
+        assert vol is not None
+        try:
+            label = "{}:{}".format(*stream.socket.getpeername()[:2])
+        except OSError:
+            label = "peer"
+        conn: trio.abc.Stream = stream
+        if self._server_ctx is not None:
+            tls = trio.SSLStream(stream, self._server_ctx, server_side=True)
+            try:
+                with trio.fail_after(TLS_HANDSHAKE_TIMEOUT_S):
+                    await tls.do_handshake()
+                label = f"{_check_peer_name(self.cfg, tls)}@{label}"
+            except (trio.BrokenResourceError, trio.TooSlowError, GeoclusError) as exc:
+                cause = exc.__cause__ or exc
+                log.warning("refused replication connection from %s: %s", label,
+                            cause if str(cause) else type(cause).__name__)
+                await trio.aclose_forcefully(stream)
+                return
+            conn = tls
+        await vol.handle_connection(conn, label)
+
+    async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
+        vol = self.volume
+        assert vol is not None
+        cmd = req["cmd"]
+        if cmd == "status":
+            status = vol.status()
+            if self.nbd is not None:
+                status["nbd"] = dataclasses.asdict(self.nbd.statistics())
+            return {"status": status}
+        if cmd == "allow-degraded":
+            return {"released_writes": vol.allow_degraded()}
+        if cmd == "shutdown":
+            self._shutdown.set()
+            return {}
+        raise ControlError(f"unknown command {cmd!r} (status, allow-degraded, shutdown)")
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+            async for signum in sigs:
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                self._shutdown.set()
+                return
+
+    async def run(self, *, task_status: trio.TaskStatus[DaemonAddresses] = trio.TASK_STATUS_IGNORED,
+                  handle_signals: bool = True) -> None:
+        """Run until shutdown is requested; ``task_status`` gets the bound addresses."""
+        cfg = self.cfg
+        self.volume = vol = await ReplicatedVolume.open(cfg.spec)
+        try:
+            async with trio.open_nursery() as nursery:
+                if handle_signals:
+                    nursery.start_soon(self._signals)
+                listeners = await trio.open_tcp_listeners(cfg.listen.port, host=cfg.listen.host)
+                rep_addr = listeners[0].socket.getsockname()[:2]
+                nursery.start_soon(trio.serve_listeners, self._incoming, listeners)
+                if cfg.spec.role == Role.PRIMARY and cfg.peer is not None:
+                    nursery.start_soon(vol.run_primary_link, self._connect, str(cfg.peer))
+                self.nbd = NbdServer(
+                    {cfg.export.name: vol},
+                    unix_path=cfg.export.unix_path,
+                    tcp_host=cfg.export.tcp.host if cfg.export.tcp else None,
+                    tcp_port=cfg.export.tcp.port if cfg.export.tcp else None,
+                    default_export=cfg.export.name,
+                )
+                nbd_addr = await nursery.start(self.nbd.serve)
+                await nursery.start(serve_control, cfg.control_socket, self._control)
+                log.info(
+                    "volume %s: %s, %s mode, generation %#x; replication on %s:%d; NBD on %s",
+                    cfg.spec.name, cfg.spec.role.name.lower(),
+                    cfg.spec.policy.mode.name.lower(), vol.state.generation, rep_addr[0],
+                    rep_addr[1], nbd_addr.unix_path or nbd_addr.tcp,
+                )
+                task_status.started(
+                    DaemonAddresses(
+                        (rep_addr[0], rep_addr[1]),
+                        nbd_addr.unix_path,
+                        nbd_addr.tcp,
+                        cfg.control_socket,
+                    )
+                )
+                await self._shutdown.wait()
+                log.info("volume %s: stopping (draining writes in flight)", cfg.spec.name)
+                await vol.close()
+                nursery.cancel_scope.cancel()
+        finally:
+            if not vol.closed:
+                with trio.CancelScope(shield=True):
+                    await vol.close(drain=False)
+        log.info("volume %s: stopped cleanly", cfg.spec.name)

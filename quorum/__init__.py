@@ -1,0 +1,1 @@
+"""quorum: majority node set, quorum disk, witness (built in a later issue)."""

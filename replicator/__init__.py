@@ -1,0 +1,1 @@
+"""replicator: block stores, the replication wire codec and sessions, the volume shell."""

@@ -1,0 +1,584 @@
+"""Sans-I/O replication cores: what the primary ships and when a write completes,
+what the secondary applies and acknowledges.
+
+Neither class does I/O or reads a clock; time comes in as ``now_s``. The volume
+shell (:mod:`replicator.volume`) feeds them events and carries out what they say,
+and the deterministic simulation (:mod:`replicator.simulation`) drives the very
+same classes through every interleaving hypothesis can find.
+
+Primary guarantees:
+
+* Every write gets the next sequence number; batches go out in sequence order.
+* Sync mode: a write completes when the local store holds it and the peer has
+  applied it (FUA: durable on both). Async mode: when the local store holds it.
+* The retained log keeps every write the peer has not made durable, bounded by
+  ``max_lag_bytes``, so after a link cut or a secondary crash the peer resumes
+  from its own durable point with no gap. Past the bound the policy blocks
+  writers or (pull-ahead) switches to dirty-region tracking and marks the peer
+  outdated; an outdated peer is sent nothing more, so it keeps a consistent,
+  if older, image.
+
+Secondary guarantees:
+
+* Applies writes strictly in sequence order, refusing (``ProtocolError``) any
+  batch that does not continue exactly where the previous one ended, and any
+  entry out of range, before applying anything from it.
+* Acknowledges cumulatively; ``durable_seq`` never exceeds what it has synced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from geoclus.errors import ProtocolError
+from replicator.bitmap import DEFAULT_REGION_BYTES, DirtyBitmap
+from replicator.frames import (
+    ENTRY_HEADER_BYTES,
+    Ack,
+    Flush,
+    Hello,
+    Mode,
+    Refuse,
+    Welcome,
+    WriteEntry,
+    WriteKind,
+    Writes,
+)
+
+PeerLossPolicy = Literal["suspend", "continue"]
+CongestionPolicy = Literal["block", "pull-ahead"]
+
+
+@dataclass(frozen=True)
+class ReplicationPolicy:
+    """How a volume replicates. Sizes in bytes, intervals in seconds.
+
+    * ``mode``: ``Mode.SYNC`` or ``Mode.ASYNC``.
+    * ``on_peer_loss`` (sync): ``suspend`` blocks writes until the peer is back
+      or an operator allows degraded running; ``continue`` completes writes
+      locally and tracks dirty regions.
+    * ``on_congestion`` (async): when the retained log would pass
+      ``max_lag_bytes``, ``block`` throttles writers, ``pull-ahead`` switches to
+      dirty-region tracking and marks the peer outdated.
+    * ``max_lag_bytes``: bound of the retained log (writes the peer has not made
+      durable), in wire bytes (data plus a 24-byte entry header).
+    * ``max_in_flight_bytes``: bound of bytes sent but not yet acknowledged.
+    * ``max_batch_bytes`` / ``max_batch_entries``: bound of one WRITES frame.
+    * ``region_bytes``: dirty-bitmap granularity.
+    * ``peer_flush_interval_s``: how often the primary asks the peer to make
+      applied writes durable so the retained log can be trimmed.
+    """
+
+    mode: Mode = Mode.SYNC
+    on_peer_loss: PeerLossPolicy = "suspend"
+    on_congestion: CongestionPolicy = "block"
+    max_lag_bytes: int = 256 * 1024 * 1024
+    max_in_flight_bytes: int = 32 * 1024 * 1024
+    max_batch_bytes: int = 4 * 1024 * 1024
+    max_batch_entries: int = 1024
+    region_bytes: int = DEFAULT_REGION_BYTES
+    peer_flush_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.on_peer_loss not in ("suspend", "continue"):
+            raise ValueError(
+                f"on_peer_loss must be 'suspend' or 'continue', not {self.on_peer_loss!r}"
+            )
+        if self.on_congestion not in ("block", "pull-ahead"):
+            raise ValueError(
+                f"on_congestion must be 'block' or 'pull-ahead', not {self.on_congestion!r}"
+            )
+        for name in (
+            "max_lag_bytes",
+            "max_in_flight_bytes",
+            "max_batch_bytes",
+            "max_batch_entries",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+
+@dataclass
+class LogEntry:
+    """A write the primary has sequenced. ``cum_bytes``: wire bytes of all writes
+    up to and including this one (for lag and in-flight accounting)."""
+
+    seq: int
+    kind: WriteKind
+    offset: int
+    length: int
+    fua: bool
+    data: bytes
+    submit_s: float
+    cum_bytes: int
+    local_done: bool = False
+    completed: bool = False
+    in_log: bool = True
+
+    @property
+    def wire_bytes(self) -> int:
+        return ENTRY_HEADER_BYTES + (self.length if self.kind == WriteKind.WRITE else 0)
+
+    def to_wire(self) -> WriteEntry:
+        return WriteEntry(self.seq, self.kind, self.offset, self.length, self.fua, self.data)
+
+
+Admission = Literal["admit", "wait", "overflow"]
+
+
+@dataclass
+class PrimaryStats:
+    writes: int = 0
+    bytes_written: int = 0
+    batches_sent: int = 0
+    entries_sent: int = 0
+    resends: int = 0
+    went_outdated: int = 0
+    max_lag_bytes_seen: int = 0
+    max_lag_writes_seen: int = 0
+    connects: int = 0
+    disconnects: int = 0
+    refusals: list[str] = field(default_factory=list)
+
+
+class PrimaryCore:
+    """Replication state of the primary copy of one volume, for one peer."""
+
+    def __init__(
+        self,
+        policy: ReplicationPolicy,
+        size_bytes: int,
+        *,
+        last_seq: int = 0,
+        peer_outdated: bool = False,
+    ) -> None:
+        self.policy = policy
+        self.size_bytes = size_bytes
+        self.last_seq = last_seq
+        # Retained log: seq -> entry for log_first <= seq <= last_seq (contiguous)
+        # unless outdated (then empty).
+        self._log: dict[int, LogEntry] = {}
+        self._log_first = last_seq + 1
+        self.log_bytes = 0
+        self._cum_total = 0
+        self._cum_before_first = 0
+        self._pending: dict[int, LogEntry] = {}
+        # Peer state, as far as we know.
+        self.connected = False
+        self.peer_applied = last_seq
+        self.peer_durable = last_seq
+        self._sent_seq = last_seq
+        self._cum_applied = 0
+        self._cum_sent = 0
+        self.outdated = peer_outdated
+        self.degraded_allowed = False
+        self.bitmap = DirtyBitmap(size_bytes, policy.region_bytes)
+        # Flushes the peer must perform: highest upto requested / sent on this connection.
+        self._flush_wanted = 0
+        self._flush_sent = 0
+        self._next_flush_id = 1
+        self._last_flush_sent_s = 0.0
+        self.stats = PrimaryStats()
+
+    # ----------------------------------------------------------------- queries
+
+    def peer_required(self) -> bool:
+        """True if completing a write needs the peer (sync mode, not degraded)."""
+        if self.policy.mode == Mode.ASYNC or self.degraded_allowed:
+            return False
+        if self.policy.on_peer_loss == "continue":
+            return self.connected and not self.outdated
+        return True
+
+    @property
+    def suspended(self) -> bool:
+        """Sync writes are blocked waiting for a peer that is not replicating."""
+        return self.peer_required() and (not self.connected or self.outdated)
+
+    def _complete(self, e: LogEntry) -> bool:
+        if not e.local_done:
+            return False
+        if not self.peer_required():
+            return True
+        if self.outdated or self.peer_applied < e.seq:
+            return False
+        return not (e.fua and self.peer_durable < e.seq)
+
+    def is_complete(self, seq: int) -> bool:
+        """True once write ``seq`` may be acknowledged to the application."""
+        e = self._pending.get(seq)
+        return e is None or e.completed
+
+    def admission(self, length: int, kind: WriteKind = WriteKind.WRITE) -> Admission:
+        """May a write of ``length`` bytes be sequenced now?
+
+        ``admit``: yes. ``wait``: not until the log drains (block policy, or sync
+        mode). ``overflow``: yes, but only by switching to dirty-region tracking
+        (call :meth:`go_outdated` first).
+        """
+        if self.outdated:
+            return "admit"
+        wire = ENTRY_HEADER_BYTES + (length if kind == WriteKind.WRITE else 0)
+        if self.log_bytes == 0 or self.log_bytes + wire <= self.policy.max_lag_bytes:
+            return "admit"
+        if self.policy.mode == Mode.SYNC:
+            return "wait" if self.peer_required() else "overflow"
+        return "wait" if self.policy.on_congestion == "block" else "overflow"
+
+    def _cum_at(self, seq: int) -> int:
+        if seq < self._log_first:
+            return self._cum_before_first
+        return self._log[seq].cum_bytes
+
+    @property
+    def lag_writes(self) -> int:
+        return self.last_seq - self.peer_applied
+
+    @property
+    def lag_bytes(self) -> int:
+        """Bytes of sequenced writes the peer has not applied (outdated: dirty bytes)."""
+        if self.outdated:
+            return self.bitmap.dirty_bytes
+        return self._cum_total - self._cum_applied
+
+    def lag_seconds(self, now_s: float) -> float:
+        """Age of the oldest write the peer has not applied."""
+        e = self._log.get(self.peer_applied + 1)
+        if e is None:
+            if self.outdated and self.lag_writes:
+                return float("inf")
+            return 0.0
+        return max(0.0, now_s - e.submit_s)
+
+    @property
+    def in_flight_bytes(self) -> int:
+        return self._cum_sent - self._cum_applied if self.connected else 0
+
+    @property
+    def pending_writes(self) -> int:
+        return len(self._pending)
+
+    # ------------------------------------------------------------------ writes
+
+    def go_outdated(self) -> None:
+        """Stop replicating: every write the peer may lack goes to the bitmap."""
+        for seq in range(max(self.peer_durable + 1, self._log_first), self.last_seq + 1):
+            e = self._log.get(seq)
+            if e is not None:
+                self.bitmap.mark(e.offset, e.length)
+                e.in_log = False
+        self._log.clear()
+        self._log_first = self.last_seq + 1
+        self.log_bytes = 0
+        self._cum_before_first = self._cum_total
+        self._cum_applied = self._cum_sent = self._cum_total
+        self.outdated = True
+        self.stats.went_outdated += 1
+
+    def submit(
+        self,
+        kind: WriteKind,
+        offset: int,
+        length: int,
+        data: bytes,
+        fua: bool,
+        now_s: float,
+    ) -> int:
+        """Sequence a write the caller has admitted; return its sequence number."""
+        seq = self.last_seq + 1
+        self.last_seq = seq
+        wire = ENTRY_HEADER_BYTES + (length if kind == WriteKind.WRITE else 0)
+        self._cum_total += wire
+        e = LogEntry(seq, kind, offset, length, fua, data, now_s, self._cum_total)
+        if self.outdated:
+            e.in_log = False
+            self.bitmap.mark(offset, length)
+            self._log_first = seq + 1
+            self._cum_before_first = self._cum_applied = self._cum_sent = self._cum_total
+        else:
+            self._log[seq] = e
+            self.log_bytes += wire
+            if not self.connected:
+                self.bitmap.mark(offset, length)
+        self._pending[seq] = e
+        self.stats.writes += 1
+        self.stats.bytes_written += length
+        self.stats.max_lag_bytes_seen = max(self.stats.max_lag_bytes_seen, self.lag_bytes)
+        self.stats.max_lag_writes_seen = max(self.stats.max_lag_writes_seen, self.lag_writes)
+        return seq
+
+    def local_done(self, seq: int) -> list[int]:
+        """The local store holds write ``seq``; return writes now complete."""
+        e = self._pending.get(seq)
+        if e is None:
+            return []
+        e.local_done = True
+        return self._collect([e])
+
+    def local_failed(self, seq: int) -> None:
+        """The local store refused write ``seq``: the application gets an error.
+
+        The write may already be shipped; the peer stays outdated in that region.
+        """
+        e = self._pending.pop(seq, None)
+        if e is not None:
+            self.bitmap.mark(e.offset, e.length)
+
+    def _collect(self, candidates: list[LogEntry] | None = None) -> list[int]:
+        done = []
+        for e in list(self._pending.values()) if candidates is None else candidates:
+            if not e.completed and self._complete(e):
+                e.completed = True
+                done.append(e.seq)
+                del self._pending[e.seq]
+        return done
+
+    def allow_degraded(self) -> list[int]:
+        """Operator override: complete sync writes without the peer until it is back."""
+        self.degraded_allowed = True
+        return self._collect()
+
+    # -------------------------------------------------------------------- peer
+
+    def peer_connected(self, remote: Hello, version: int) -> Welcome | Refuse:
+        """The peer's HELLO passed :func:`check_hello`; decide where it resumes.
+
+        Returns the WELCOME to send (and starts replicating) or a REFUSE.
+        """
+        applied = remote.applied_seq
+        if applied > self.last_seq:
+            reason = (
+                f"the secondary has applied write {applied} but the primary's newest is "
+                f"{self.last_seq}: the primary lost writes; the copies need a resync"
+            )
+            self.stats.refusals.append(reason)
+            return Refuse(reason)
+        self.connected = True
+        self.stats.connects += 1
+        self._flush_sent = 0
+        if not self.outdated and applied + 1 < self._log_first:
+            # The peer is behind what we retained (it lost more than we kept).
+            self.peer_applied = self.peer_durable = applied
+            self.go_outdated()
+        if self.outdated:
+            return Welcome(version, applied + 1, self.last_seq)
+        if applied < self.peer_applied:
+            self.stats.resends += self.peer_applied - applied
+        self.peer_applied = applied
+        self.peer_durable = min(remote.durable_seq, applied)
+        self._sent_seq = applied
+        self._cum_applied = self._cum_sent = self._cum_at(applied)
+        self.degraded_allowed = False
+        self._maybe_clear_bitmap()
+        return Welcome(version, applied + 1, self.last_seq)
+
+    def peer_lost(self) -> list[int]:
+        """The connection ended; return writes that now complete (continue mode)."""
+        if self.connected:
+            self.stats.disconnects += 1
+        self.connected = False
+        self._sent_seq = self.peer_applied
+        self._cum_sent = self._cum_applied
+        if not self.outdated:
+            for seq in range(max(self.peer_applied + 1, self._log_first), self.last_seq + 1):
+                e = self._log[seq]
+                self.bitmap.mark(e.offset, e.length)
+        return self._collect()
+
+    def next_batch(self) -> Writes | None:
+        """The next WRITES frame to send, or None (nothing to send or window full)."""
+        if not self.connected or self.outdated or self._sent_seq >= self.last_seq:
+            return None
+        budget_inflight = self.policy.max_in_flight_bytes - (self._cum_sent - self._cum_applied)
+        budget = min(self.policy.max_batch_bytes, budget_inflight)
+        entries: list[WriteEntry] = []
+        size = 0
+        seq = self._sent_seq + 1
+        while seq <= self.last_seq and len(entries) < self.policy.max_batch_entries:
+            e = self._log[seq]
+            # Always allow one entry if nothing is in flight, so a write larger
+            # than the window still goes out.
+            if (entries or self._cum_sent != self._cum_applied) and size + e.wire_bytes > budget:
+                break
+            entries.append(e.to_wire())
+            size += e.wire_bytes
+            seq += 1
+        if not entries:
+            return None
+        self._sent_seq = entries[-1].seq
+        self._cum_sent = self._cum_at(self._sent_seq)
+        self.stats.batches_sent += 1
+        self.stats.entries_sent += len(entries)
+        return Writes(tuple(entries))
+
+    def on_ack(self, ack: Ack) -> list[int]:
+        """Apply a cumulative ACK; return writes that now complete.
+
+        Raises ProtocolError for an ACK that goes backwards or covers writes
+        never sent (nothing changes then).
+        """
+        if not self.connected:
+            raise ProtocolError("ACK before the handshake completed")
+        if ack.applied_seq > self._sent_seq:
+            raise ProtocolError(
+                f"ACK for write {ack.applied_seq} but only {self._sent_seq} were sent"
+            )
+        if ack.durable_seq > ack.applied_seq:
+            raise ProtocolError(f"ACK says durable {ack.durable_seq} > applied {ack.applied_seq}")
+        if ack.applied_seq < self.peer_applied or ack.durable_seq < self.peer_durable:
+            raise ProtocolError(
+                f"ACK goes backwards (applied {ack.applied_seq} < {self.peer_applied} "
+                f"or durable {ack.durable_seq} < {self.peer_durable})"
+            )
+        if self.outdated:
+            return []
+        if ack.applied_seq > self.peer_applied:
+            self.peer_applied = ack.applied_seq
+            self._cum_applied = self._cum_at(ack.applied_seq)
+        if ack.durable_seq > self.peer_durable:
+            self.peer_durable = ack.durable_seq
+            self._trim()
+        self._maybe_clear_bitmap()
+        return self._collect()
+
+    def _trim(self) -> None:
+        while self._log_first <= self.peer_durable:
+            e = self._log.pop(self._log_first)
+            self.log_bytes -= e.wire_bytes
+            self._cum_before_first = e.cum_bytes
+            self._log_first += 1
+
+    def _maybe_clear_bitmap(self) -> None:
+        # Every write went through the log in order and the peer applied them
+        # all, so the regions marked while it was away are no longer dirty.
+        if not self.outdated and self.connected and self.peer_applied == self.last_seq:
+            self.bitmap.clear()
+
+    # ------------------------------------------------------------------- flush
+
+    def request_peer_flush(self) -> int:
+        """Ask the peer to make every write sequenced so far durable; return the
+        sequence number the caller must see durable on the peer."""
+        self._flush_wanted = max(self._flush_wanted, self.last_seq)
+        return self.last_seq
+
+    def peer_flush_satisfied(self, upto_seq: int) -> bool:
+        """True once a peer flush up to ``upto_seq`` is done or no longer needed."""
+        if not self.peer_required():
+            return True
+        return not self.outdated and self.peer_durable >= upto_seq
+
+    def next_flush(self, now_s: float) -> Flush | None:
+        """The FLUSH frame to send now, if any (requested, or background trim)."""
+        if not self.connected or self.outdated:
+            return None
+        background = (
+            self.peer_durable < self.peer_applied
+            and (
+                now_s - self._last_flush_sent_s >= self.policy.peer_flush_interval_s
+                or self.log_bytes * 2 > self.policy.max_lag_bytes
+            )
+            and self._flush_sent < self.peer_applied
+        )
+        if background:
+            self._flush_wanted = max(self._flush_wanted, self.peer_applied)
+        if self._flush_wanted <= self._flush_sent or self._flush_wanted <= self.peer_durable:
+            return None
+        self._flush_sent = self._flush_wanted
+        self._last_flush_sent_s = now_s
+        fid = self._next_flush_id
+        self._next_flush_id += 1
+        return Flush(self._flush_wanted, fid)
+
+
+class SecondaryCore:
+    """Replication state of a secondary copy receiving from one primary."""
+
+    def __init__(
+        self, size_bytes: int, block_size: int, *, durable_seq: int, applied_seq: int | None = None
+    ) -> None:
+        self.size_bytes = size_bytes
+        self.block_size = block_size
+        self.durable_seq = durable_seq
+        self.applied_seq = durable_seq if applied_seq is None else applied_seq
+        self.received_seq = self.applied_seq
+        self.welcomed = False
+        self._flush_upto = 0
+        self._flush_id = 0
+        self._fua_upto = 0
+        self.primary_seq = 0
+
+    def on_welcome(self, welcome: Welcome) -> None:
+        """The primary accepted us and resumes at ``resume_seq``."""
+        if welcome.resume_seq != self.applied_seq + 1:
+            raise ProtocolError(
+                f"primary resumes at {welcome.resume_seq} but we applied {self.applied_seq}"
+            )
+        self.received_seq = self.applied_seq
+        self.welcomed = True
+        self.primary_seq = welcome.primary_seq
+
+    def on_writes(self, batch: Writes) -> tuple[WriteEntry, ...]:
+        """Validate a batch; return its entries to apply, in order.
+
+        Raises ProtocolError (nothing to apply) if the batch does not continue
+        exactly after the last one received, or any entry is misaligned or
+        outside the volume.
+        """
+        if not self.welcomed:
+            raise ProtocolError("WRITES before WELCOME")
+        first = batch.entries[0].seq
+        if first != self.received_seq + 1:
+            what = "replayed" if first <= self.received_seq else "out-of-order (gap)"
+            raise ProtocolError(
+                f"{what} batch: starts at write {first}, expected {self.received_seq + 1}"
+            )
+        for e in batch.entries:
+            if (
+                e.offset % self.block_size
+                or e.length % self.block_size
+                or e.offset + e.length > self.size_bytes
+            ):
+                raise ProtocolError(
+                    f"write {e.seq} at {e.offset}+{e.length} is misaligned or outside the "
+                    f"{self.size_bytes}-byte volume"
+                )
+            if e.kind == WriteKind.WRITE and len(e.data) != e.length:
+                raise ProtocolError(f"write {e.seq} carries {len(e.data)} bytes, says {e.length}")
+            if e.fua:
+                self._fua_upto = e.seq
+        self.received_seq = batch.entries[-1].seq
+        return batch.entries
+
+    def applied(self, seq: int) -> None:
+        """Writes up to ``seq`` are in the store."""
+        if seq > self.received_seq or seq < self.applied_seq:
+            raise AssertionError(f"applied {seq} outside ({self.applied_seq}, {self.received_seq}]")
+        self.applied_seq = seq
+
+    def on_flush(self, flush: Flush) -> None:
+        if not self.welcomed:
+            raise ProtocolError("FLUSH before WELCOME")
+        self._flush_upto = max(self._flush_upto, flush.upto_seq)
+        self._flush_id = max(self._flush_id, flush.flush_id)
+
+    def sync_needed(self) -> bool:
+        """True if a store sync must run now: a FUA write or a FLUSH waits on it
+        and every write it covers has been applied."""
+        for target in (self._fua_upto, self._flush_upto):
+            if self.durable_seq < target <= self.applied_seq:
+                return True
+        return False
+
+    def flush_blocked(self) -> bool:
+        """True if a FLUSH waits for writes not yet applied."""
+        return self._flush_upto > self.applied_seq
+
+    def synced(self, seq: int) -> None:
+        """A store sync that started when ``applied_seq`` was ``seq`` completed."""
+        self.durable_seq = max(self.durable_seq, seq)
+
+    def ack(self) -> Ack:
+        done = self._flush_id if self.durable_seq >= self._flush_upto else 0
+        return Ack(self.applied_seq, self.durable_seq, done)

@@ -1,0 +1,335 @@
+"""Backing stores: a file (created and sized if missing) or an existing block device.
+
+:class:`FileStore` does blocking system calls and is meant to be called from a
+worker thread. :class:`AsyncStore` is its trio shell: every system call runs in a
+worker thread (never on the event-loop thread), and :meth:`AsyncStore.flush`
+is a *group commit*: one ``fdatasync`` covers every write completed before it
+was requested, however many flushes were waiting.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import trio
+
+from geoclus.errors import IOAlignmentError, StoreError
+
+# Keep in step with the kernel's UAPI; Python exposes no constants for these.
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+_BLKGETSIZE64 = 0x80081272
+
+# Zero-filling falls back to plain writes in chunks of this size, so a huge
+# WRITE_ZEROES on a filesystem without fallocate never allocates a huge buffer.
+_ZERO_CHUNK_BYTES = 1024 * 1024
+
+
+def check_range(offset: int, length: int, size_bytes: int, block_size: int) -> None:
+    """Raise :class:`IOAlignmentError` unless ``[offset, offset+length)`` is aligned
+    to ``block_size`` and lies inside ``[0, size_bytes)``. A zero length is allowed."""
+    if offset < 0 or length < 0:
+        raise IOAlignmentError(f"negative offset {offset} or length {length}")
+    if offset % block_size or length % block_size:
+        raise IOAlignmentError(
+            f"offset {offset} and length {length} must be multiples of the "
+            f"{block_size}-byte block size"
+        )
+    if offset + length > size_bytes:
+        raise IOAlignmentError(
+            f"range {offset}+{length} ends past the end of the volume ({size_bytes} bytes)"
+        )
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What a store is: its path, size in bytes, block size, and whether it is a
+    block device and whether this open created it (a new file is all zeros)."""
+
+    path: str
+    size_bytes: int
+    block_size: int
+    is_block_device: bool
+    created: bool
+
+
+class FileStore:
+    """A volume image on a file or block device. Blocking; call from a thread.
+
+    Guarantees: every read/write is range- and alignment-checked before any
+    system call (a refused request changes nothing); ``write(..., fua=True)``
+    returns only once that data is durable (``RWF_DSYNC``); ``fdatasync``
+    makes every write that returned before it durable.
+    """
+
+    def __init__(self, path: str, size_bytes: int, block_size: int = 512) -> None:
+        if block_size < 512 or block_size & (block_size - 1):
+            raise StoreError(f"block size {block_size} must be a power of two >= 512")
+        if size_bytes <= 0 or size_bytes % block_size:
+            raise StoreError(
+                f"volume size {size_bytes} must be a positive multiple of {block_size} bytes"
+            )
+        created = False
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise StoreError(f"cannot stat store {path}: {exc.strerror}") from exc
+        is_bdev = st is not None and stat.S_ISBLK(st.st_mode)
+        if st is not None and not is_bdev and not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"store {path} is neither a regular file nor a block device")
+        try:
+            if st is None:
+                parent = os.path.dirname(os.path.abspath(path))
+                if not os.path.isdir(parent):
+                    raise StoreError(
+                        f"cannot create store {path}: directory {parent} does not exist"
+                    )
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                created = True
+                os.ftruncate(fd, size_bytes)
+                os.fsync(fd)
+            else:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StoreError(f"cannot open store {path}: {exc.strerror}") from exc
+        self._fd = fd
+        try:
+            actual = self._device_size() if is_bdev else os.fstat(fd).st_size
+            if actual < size_bytes:
+                if is_bdev:
+                    raise StoreError(
+                        f"block device {path} holds {actual} bytes, "
+                        f"less than the configured {size_bytes}"
+                    )
+                raise StoreError(
+                    f"store file {path} holds {actual} bytes but the volume is {size_bytes}; "
+                    "refusing to grow an existing store (fix the configured size or the file)"
+                )
+            if not is_bdev and actual > size_bytes:
+                raise StoreError(
+                    f"store file {path} holds {actual} bytes, more than the configured "
+                    f"{size_bytes}; refusing to shrink it (fix the configured size)"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        self.info = StoreInfo(path, size_bytes, block_size, is_bdev, created)
+        self._closed = False
+
+    def _device_size(self) -> int:
+        import fcntl
+        import struct
+
+        buf = fcntl.ioctl(self._fd, _BLKGETSIZE64, b"\0" * 8)
+        return int(struct.unpack("Q", buf)[0])
+
+    @property
+    def size_bytes(self) -> int:
+        return self.info.size_bytes
+
+    @property
+    def block_size(self) -> int:
+        return self.info.block_size
+
+    def check(self, offset: int, length: int) -> None:
+        """Raise :class:`IOAlignmentError` if the range is misaligned or out of range."""
+        check_range(offset, length, self.info.size_bytes, self.info.block_size)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Return ``length`` bytes at ``offset`` (short reads are retried)."""
+        self.check(offset, length)
+        try:
+            data = os.pread(self._fd, length, offset)
+            if len(data) == length:
+                return data
+            parts = [data]
+            got = len(data)
+            while got < length:
+                more = os.pread(self._fd, length - got, offset + got)
+                if not more:
+                    raise StoreError(f"short read at {offset + got} in {self.info.path}")
+                parts.append(more)
+                got += len(more)
+            return b"".join(parts)
+        except OSError as exc:
+            raise StoreError(f"read failed at {offset} in {self.info.path}: {exc}") from exc
+
+    def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        """Write ``data`` at ``offset``; with ``fua`` durable before returning."""
+        self.check(offset, len(data))
+        self._pwrite_all(offset, data, os.RWF_DSYNC if fua else 0)
+
+    def _pwrite_all(self, offset: int, data: bytes | memoryview, flags: int) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                n = (
+                    os.pwritev(self._fd, [view], offset, flags)
+                    if flags
+                    else os.pwrite(self._fd, view, offset)
+                )
+                view = view[n:]
+                offset += n
+        except OSError as exc:
+            raise StoreError(f"write failed at {offset} in {self.info.path}: {exc}") from exc
+
+    def write_many(self, writes: Sequence[tuple[int, bytes | memoryview]]) -> None:
+        """Apply ``writes`` strictly in the given order (used by the secondary).
+
+        Every range is checked first: if any is bad, nothing is written.
+        """
+        for offset, data in writes:
+            self.check(offset, len(data))
+        for offset, data in writes:
+            self._pwrite_all(offset, data, 0)
+
+    def write_zeroes(self, offset: int, length: int, punch: bool = False) -> None:
+        """Make ``[offset, offset+length)`` read as zeros; with ``punch`` (TRIM) a
+        regular file's blocks are deallocated."""
+        self.check(offset, length)
+        if length == 0:
+            return
+        if not self.info.is_block_device:
+            mode = (
+                (_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE) if punch else _FALLOC_FL_ZERO_RANGE
+            )
+            if _fallocate(self._fd, mode, offset, length):
+                return
+        zero = bytes(min(length, _ZERO_CHUNK_BYTES))
+        end = offset + length
+        while offset < end:
+            n = min(len(zero), end - offset)
+            self._pwrite_all(offset, memoryview(zero)[:n], 0)
+            offset += n
+
+    def fdatasync(self) -> None:
+        """Make every write that returned before this call durable."""
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise StoreError(f"fdatasync failed on {self.info.path}: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the store (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
+    """Call fallocate(2) through libc; return False where unsupported."""
+    import ctypes
+    import ctypes.util
+
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    if _libc.fallocate(fd, mode, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise StoreError(f"fallocate failed at {offset}: {os.strerror(err)}")
+
+
+_libc = None
+
+
+class AsyncStore:
+    """Trio shell over a :class:`FileStore`.
+
+    Every system call runs in a worker thread. :meth:`flush` is a group commit:
+    a flush waits for the next ``fdatasync`` that *starts* after it was
+    requested, and one ``fdatasync`` serves every flush waiting at that moment.
+
+    A failed ``fdatasync`` poisons the store: Linux may drop the dirty pages and
+    report success on the next call, so no later flush can be trusted. Every
+    flush and write after that raises :class:`StoreError`.
+    """
+
+    def __init__(self, store: FileStore) -> None:
+        self.store = store
+        self._sync_started = 0  # number of fdatasyncs started
+        self._sync_done = 0  # number of fdatasyncs completed successfully
+        self._syncing = False
+        self._sync_finished = trio.Event()
+        self._failed: StoreError | None = None
+        self.flush_requests = 0
+
+    @property
+    def size_bytes(self) -> int:
+        return self.store.size_bytes
+
+    @property
+    def block_size(self) -> int:
+        return self.store.block_size
+
+    def _check_healthy(self) -> None:
+        if self._failed is not None:
+            raise StoreError(
+                f"store {self.store.info.path} failed earlier and is no longer trusted "
+                f"({self._failed}); stop the daemon and check the disk"
+            )
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self.store.check(offset, length)
+        return await trio.to_thread.run_sync(self.store.read, offset, length)
+
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        self._check_healthy()
+        self.store.check(offset, len(data))
+        await trio.to_thread.run_sync(self.store.write, offset, data, fua)
+
+    async def write_many(self, writes: Sequence[tuple[int, bytes | memoryview]]) -> None:
+        self._check_healthy()
+        await trio.to_thread.run_sync(self.store.write_many, writes)
+
+    async def write_zeroes(self, offset: int, length: int, punch: bool = False) -> None:
+        self._check_healthy()
+        self.store.check(offset, length)
+        await trio.to_thread.run_sync(self.store.write_zeroes, offset, length, punch)
+
+    async def flush(self) -> None:
+        """Return once every write completed before this call is durable.
+
+        Raises :class:`StoreError` if the ``fdatasync`` fails (then and forever after).
+        """
+        self.flush_requests += 1
+        # A sync already running may have started before our writes completed,
+        # so we need one that starts after now: number ``_sync_started + 1``.
+        target = self._sync_started + 1
+        while self._sync_done < target:
+            self._check_healthy()
+            if self._syncing:
+                await self._sync_finished.wait()
+                continue
+            self._syncing = True
+            self._sync_started += 1
+            number = self._sync_started
+            try:
+                await trio.to_thread.run_sync(self.store.fdatasync)
+            except StoreError as exc:
+                self._failed = exc
+                raise
+            else:
+                self._sync_done = number
+            finally:
+                self._syncing = False
+                finished, self._sync_finished = self._sync_finished, trio.Event()
+                finished.set()
+        self._check_healthy()
+
+    def statistics(self) -> dict[str, int]:
+        """``fdatasyncs`` run and ``flush_requests`` served (group commit ratio)."""
+        return {"fdatasyncs": self._sync_done, "flush_requests": self.flush_requests}
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,855 @@
+"""The volume shell: one site's copy of a replicated volume, on trio.
+
+:class:`ReplicatedVolume` is a :class:`~replicator.device.BlockDevice` (the NBD
+export serves it) and runs the replication link. All decisions live in the
+sans-I/O cores (:class:`~replicator.session.PrimaryCore`,
+:class:`~replicator.session.SecondaryCore`); this module moves bytes, time and
+store I/O in and out of them:
+
+* primary: sequence each write, wait for earlier overlapping writes, apply it
+  locally in a worker thread while the sender ships it, and complete it when the
+  core says so; a dial loop keeps one connection to the secondary.
+* secondary: accept one connection at a time from the primary, apply batches
+  strictly in order, sync on FLUSH/FUA and every ``secondary_sync_interval_s``,
+  persist the durable sequence number, acknowledge cumulatively.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import trio
+
+from geoclus.errors import (
+    GeoclusError,
+    HandshakeRefused,
+    NotPrimaryError,
+    ProtocolError,
+    StoreError,
+)
+from replicator.frames import (
+    HELLO_FLAG_CLEAN,
+    Ack,
+    Bye,
+    Flush,
+    FrameDecoder,
+    FrameEncoder,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Refuse,
+    Role,
+    Welcome,
+    WriteEntry,
+    WriteKind,
+    Writes,
+)
+from replicator.handshake import check_hello, make_hello, negotiate_version
+from replicator.latency import LatencyRecorder
+from replicator.meta import ROLE_PRIMARY, ROLE_SECONDARY, MetaFile, VolumeMeta
+from replicator.ordering import OverlapTracker
+from replicator.session import PrimaryCore, ReplicationPolicy, SecondaryCore
+from replicator.store import AsyncStore, FileStore, check_range
+
+log = logging.getLogger("geoclus.volume")
+
+# How much the receive loop asks the kernel for at once.
+_RECEIVE_BYTES = 256 * 1024
+# Batches queued between the secondary's receiver and applier: with frames of
+# at most DEFAULT_MAX_PAYLOAD_BYTES this bounds the queue to a few tens of MiB.
+_APPLY_QUEUE_BATCHES = 4
+
+
+@dataclass(frozen=True)
+class LinkTimers:
+    """Timers of the replication link, in seconds.
+
+    * ``keepalive_interval_s``: PING period (also measures the round trip).
+    * ``peer_timeout_s``: no frame for this long means the peer is lost.
+    * ``connect_timeout_s``: bound on TCP connect plus TLS and HELLO exchange.
+    * ``reconnect_min_s`` / ``reconnect_max_s``: dial back-off range.
+    * ``secondary_sync_interval_s``: the secondary syncs applied writes at least
+      this often, so the primary can trim its retained log.
+    * ``drain_timeout_s``: on shutdown, how long the primary waits for the
+      peer to catch up before stopping anyway.
+    """
+
+    keepalive_interval_s: float = 0.5
+    peer_timeout_s: float = 5.0
+    connect_timeout_s: float = 5.0
+    reconnect_min_s: float = 0.1
+    reconnect_max_s: float = 2.0
+    secondary_sync_interval_s: float = 1.0
+    drain_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """Everything one site needs to run its copy of a volume."""
+
+    name: str
+    volume_id: bytes
+    size_bytes: int
+    block_size: int
+    store_path: str
+    meta_path: str
+    role: Role
+    policy: ReplicationPolicy
+    node: str
+    timers: LinkTimers = field(default_factory=LinkTimers)
+
+
+Connector = Callable[[], Awaitable[trio.abc.Stream]]
+
+
+class FrameChannel:
+    """A framed, checksummed, numbered message stream over a trio stream."""
+
+    def __init__(self, stream: trio.abc.Stream, max_payload_bytes: int | None = None) -> None:
+        self.stream = stream
+        self._enc = FrameEncoder()
+        self._dec = FrameDecoder() if max_payload_bytes is None else FrameDecoder(max_payload_bytes)
+        self._send_lock = trio.Lock()
+        self.last_receive_s = trio.current_time()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    async def send(self, msg: Message) -> None:
+        async with self._send_lock:
+            data = self._enc.encode(msg)
+            await self.stream.send_all(data)
+            self.bytes_sent += len(data)
+
+    async def receive(self) -> Message:
+        """Return the next message; raise ProtocolError on bad bytes or EOF."""
+        while True:
+            msg = self._dec.next_message()
+            if msg is not None:
+                self.last_receive_s = trio.current_time()
+                return msg
+            data = await self.stream.receive_some(_RECEIVE_BYTES)
+            if not data:
+                raise ProtocolError("peer closed the connection")
+            self.bytes_received += len(data)
+            self._dec.receive_data(data)
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await self.stream.aclose()
+
+
+class ReplicatedVolume:
+    """One site's copy of a replicated volume (a :class:`BlockDevice`).
+
+    Create with :meth:`open`; run the link with :meth:`run_primary_link`
+    (primary) or :meth:`handle_connection` per accepted connection (secondary);
+    stop with :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        spec: VolumeSpec,
+        store: AsyncStore,
+        meta: MetaFile,
+        state: VolumeMeta,
+        *,
+        replaying: bool,
+    ) -> None:
+        self.spec = spec
+        self.store = store
+        self.meta = meta
+        self.state = state
+        self._role = spec.role
+        self._closing = False
+        self._closed = False
+        self._changed = trio.Event()
+        self._overlap = OverlapTracker()
+        self._local_done_events: dict[int, trio.Event] = {}
+        self._completion_events: dict[int, trio.Event] = {}
+        self.write_latency = LatencyRecorder()
+        self.rtt = LatencyRecorder(1024)
+        self.connected_peer: str | None = None
+        self.last_error: str | None = None
+        self.in_flight_writes = 0
+        self._session_scope: trio.CancelScope | None = None
+        self._session_done: trio.Event | None = None
+        self.primary: PrimaryCore | None = None
+        self.secondary: SecondaryCore | None = None
+        # A secondary that crashed may hold a torn mix of writes it applied but
+        # had not synced; it is consistent again once it has re-applied up to
+        # the primary's position at reconnect.
+        self._replaying = replaying
+        self._replay_until: int | None = None
+        if spec.role == Role.PRIMARY:
+            self.primary = PrimaryCore(
+                spec.policy, spec.size_bytes, last_seq=state.seq, peer_outdated=state.outdated
+            )
+        else:
+            self.secondary = SecondaryCore(spec.size_bytes, spec.block_size, durable_seq=state.seq)
+
+    # ------------------------------------------------------------------ open
+
+    @classmethod
+    async def open(cls, spec: VolumeSpec) -> ReplicatedVolume:
+        """Open (creating if needed) the store and metadata of ``spec``.
+
+        Raises StoreError if the store cannot be opened or the metadata belongs
+        to a different volume.
+        """
+        return await trio.to_thread.run_sync(cls._open_sync, spec)
+
+    @classmethod
+    def _open_sync(cls, spec: VolumeSpec) -> ReplicatedVolume:
+        fstore = FileStore(spec.store_path, spec.size_bytes, spec.block_size)
+        meta = MetaFile(spec.meta_path)
+        try:
+            prev = meta.open()
+            role_code = ROLE_PRIMARY if spec.role == Role.PRIMARY else ROLE_SECONDARY
+            replaying = False
+            if prev is None:
+                # A store we just created is all zeros: generation 0, the same on
+                # every site. Existing data of unknown history gets a fresh
+                # generation, so it never silently passes as in sync.
+                generation = 0 if fstore.info.created else _new_generation()
+                if not fstore.info.created:
+                    log.warning(
+                        "store %s existed without metadata: its content has an unknown "
+                        "history (generation %#x); it needs a full sync before it can "
+                        "replicate",
+                        spec.store_path,
+                        generation,
+                    )
+                state = VolumeMeta(
+                    spec.volume_id,
+                    spec.size_bytes,
+                    spec.block_size,
+                    generation,
+                    role_code,
+                    False,
+                    False,
+                    0,
+                    time.time_ns(),
+                )
+            else:
+                if prev.volume_id != spec.volume_id:
+                    raise StoreError(
+                        f"metadata {spec.meta_path} belongs to volume {prev.volume_id.hex()}, "
+                        f"not {spec.volume_id.hex()}; point [volume] store at the right file"
+                    )
+                if prev.size_bytes != spec.size_bytes or prev.block_size != spec.block_size:
+                    raise StoreError(
+                        f"metadata {spec.meta_path} records size {prev.size_bytes} / block "
+                        f"{prev.block_size}, the config says {spec.size_bytes} / "
+                        f"{spec.block_size}"
+                    )
+                state = replace(prev, role=role_code, clean=False)
+                if not prev.clean:
+                    if spec.role == Role.PRIMARY:
+                        # The primary crashed: writes it shipped may not be on its
+                        # own disk and vice versa. The activity log of the resync
+                        # work will narrow this; until then the history forks.
+                        state = replace(state, generation=_new_generation(), seq=0)
+                        log.warning(
+                            "primary %s was not shut down cleanly: new generation %#x; "
+                            "the peer needs a resync before replicating again",
+                            spec.name,
+                            state.generation,
+                        )
+                    else:
+                        replaying = True
+                        log.warning(
+                            "secondary %s was not shut down cleanly: it resumes from durable "
+                            "write %d and is inconsistent until it has caught up",
+                            spec.name,
+                            prev.seq,
+                        )
+            state = meta.write(state)
+        except BaseException:
+            fstore.close()
+            meta.close()
+            raise
+        return cls(spec, AsyncStore(fstore), meta, state, replaying=replaying)
+
+    # ------------------------------------------------------------ BlockDevice
+
+    @property
+    def size_bytes(self) -> int:
+        return self.spec.size_bytes
+
+    @property
+    def block_size(self) -> int:
+        return self.spec.block_size
+
+    @property
+    def read_only(self) -> bool:
+        return self._role != Role.PRIMARY
+
+    @property
+    def role(self) -> Role:
+        return self._role
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self.store.read(offset, length)
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        await self._submit(WriteKind.WRITE, offset, len(data), bytes(data), fua)
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self._submit(WriteKind.TRIM, offset, length, b"", fua)
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
+        await self._submit(WriteKind.ZEROES, offset, length, b"", fua)
+
+    async def flush(self) -> None:
+        """Durable locally (group commit) and, in sync mode, on the peer."""
+        core = self.primary
+        if core is None:
+            await self.store.flush()
+            return
+        upto = core.request_peer_flush() if core.peer_required() else 0
+        self._notify()
+        await self.store.flush()
+        while not core.peer_flush_satisfied(upto):
+            if self._closing:
+                raise GeoclusError("volume is shutting down; flush not confirmed by the peer")
+            await self._wait_changed()
+
+    # -------------------------------------------------------------- internals
+
+    def _notify(self) -> None:
+        ev, self._changed = self._changed, trio.Event()
+        ev.set()
+
+    async def _wait_changed(self, timeout_s: float | None = None) -> None:
+        ev = self._changed
+        if timeout_s is None:
+            await ev.wait()
+        else:
+            with trio.move_on_after(timeout_s):
+                await ev.wait()
+
+    def _complete(self, seqs: list[int]) -> None:
+        for seq in seqs:
+            ev = self._completion_events.pop(seq, None)
+            if ev is not None:
+                ev.set()
+
+    async def _submit(
+        self, kind: WriteKind, offset: int, length: int, data: bytes, fua: bool
+    ) -> None:
+        core = self.primary
+        if core is None or self._role != Role.PRIMARY:
+            raise NotPrimaryError(
+                f"volume {self.spec.name} is secondary on this site: it serves reads only; "
+                "write through the primary's export"
+            )
+        check_range(offset, length, self.spec.size_bytes, self.spec.block_size)
+        if self._closing:
+            raise GeoclusError(f"volume {self.spec.name} is shutting down; write refused")
+        start = trio.current_time()
+        while True:
+            verdict = core.admission(length, kind)
+            if verdict == "admit":
+                break
+            if verdict == "overflow":
+                log.warning(
+                    "volume %s: replication log full (%d bytes); the peer is now outdated "
+                    "and changed regions are tracked in the dirty bitmap until a resync",
+                    self.spec.name,
+                    core.log_bytes,
+                )
+                core.go_outdated()
+                break
+            if self._closing:
+                raise GeoclusError(f"volume {self.spec.name} is shutting down; write refused")
+            await self._wait_changed()
+        seq = core.submit(kind, offset, length, data, fua, start)
+        blockers = self._overlap.add(seq, offset, length)
+        local_done = trio.Event()
+        self._local_done_events[seq] = local_done
+        done = trio.Event()
+        self._completion_events[seq] = done
+        self.in_flight_writes += 1
+        self._notify()
+        try:
+            # From here the write is sequenced and may already be shipped; the
+            # local apply must run to its end even if the requester goes away,
+            # or later overlapping writes would wait forever.
+            with trio.CancelScope(shield=True):
+                for b in blockers:
+                    ev = self._local_done_events.get(b)
+                    if ev is not None:
+                        await ev.wait()
+                try:
+                    if kind == WriteKind.WRITE:
+                        await self.store.write(offset, data, fua)
+                    else:
+                        await self.store.write_zeroes(offset, length, kind == WriteKind.TRIM)
+                        if fua:
+                            await self.store.flush()
+                except BaseException:
+                    core.local_failed(seq)
+                    self._completion_events.pop(seq, None)
+                    raise
+                finally:
+                    self._overlap.remove(seq)
+                    del self._local_done_events[seq]
+                    local_done.set()
+                self._complete(core.local_done(seq))
+            if not done.is_set():
+                await done.wait()
+            self.write_latency.add(trio.current_time() - start)
+        finally:
+            self.in_flight_writes -= 1
+
+    # ----------------------------------------------------------- primary link
+
+    def _hello(self) -> Hello:
+        if self._role == Role.PRIMARY:
+            assert self.primary is not None
+            applied = durable = self.primary.last_seq
+        else:
+            assert self.secondary is not None
+            applied, durable = self.secondary.applied_seq, self.secondary.durable_seq
+        return make_hello(
+            role=self._role,
+            mode=self.spec.policy.mode,
+            flags=HELLO_FLAG_CLEAN if self.state.clean else 0,
+            block_size=self.spec.block_size,
+            size_bytes=self.spec.size_bytes,
+            volume_id=self.spec.volume_id,
+            generation=self.state.generation,
+            applied_seq=applied,
+            durable_seq=durable,
+            node=self.spec.node,
+        )
+
+    async def run_primary_link(self, connect: Connector, peer_label: str = "peer") -> None:
+        """Keep one replication connection to the secondary, forever.
+
+        Reconnects with back-off after any failure; runs until cancelled.
+        """
+        timers = self.spec.timers
+        backoff = timers.reconnect_min_s
+        while not self._closing:
+            channel: FrameChannel | None = None
+            try:
+                with trio.fail_after(timers.connect_timeout_s):
+                    stream = await connect()
+                    channel = FrameChannel(stream)
+                    await self._primary_handshake(channel)
+                backoff = timers.reconnect_min_s
+                self.connected_peer = peer_label
+                self.last_error = None
+                log.info("volume %s: replicating to %s", self.spec.name, peer_label)
+                await self._primary_session(channel)
+            except HandshakeRefused as exc:
+                self._link_error(f"handshake refused: {exc.reason}")
+                backoff = timers.reconnect_max_s
+            except (
+                ProtocolError,
+                OSError,
+                trio.BrokenResourceError,
+                trio.TooSlowError,
+                trio.ClosedResourceError,
+            ) as exc:
+                self._link_error(_describe(exc))
+            finally:
+                self.connected_peer = None
+                if self.primary is not None:
+                    self._complete(self.primary.peer_lost())
+                self._notify()
+                if channel is not None:
+                    await channel.aclose()
+            if self._closing:
+                break
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, timers.reconnect_max_s)
+
+    def _link_error(self, reason: str) -> None:
+        if reason != self.last_error:
+            log.warning("volume %s: replication link: %s", self.spec.name, reason)
+        self.last_error = reason
+
+    async def _primary_handshake(self, ch: FrameChannel) -> None:
+        core = self.primary
+        assert core is not None
+        local = self._hello()
+        await ch.send(local)
+        remote = await ch.receive()
+        if isinstance(remote, Refuse):
+            raise HandshakeRefused(f"the peer refused: {remote.reason}")
+        if not isinstance(remote, Hello):
+            raise ProtocolError(f"expected HELLO, got {type(remote).__name__}")
+        reason = check_hello(local, remote)
+        if reason is not None:
+            await ch.send(Refuse(reason))
+            raise HandshakeRefused(reason)
+        version = negotiate_version(local, remote)
+        assert version is not None
+        answer = core.peer_connected(remote, version)
+        await ch.send(answer)
+        if isinstance(answer, Refuse):
+            raise HandshakeRefused(answer.reason)
+        if core.outdated:
+            log.warning(
+                "volume %s: peer %s is outdated (needs resync); not shipping writes",
+                self.spec.name,
+                remote.node,
+            )
+
+    async def _primary_session(self, ch: FrameChannel) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._primary_sender, ch)
+            nursery.start_soon(self._keepalive, ch)
+            await self._primary_receiver(ch)
+            nursery.cancel_scope.cancel()
+
+    async def _primary_sender(self, ch: FrameChannel) -> None:
+        core = self.primary
+        assert core is not None
+        while True:
+            batch = core.next_batch()
+            flush = core.next_flush(trio.current_time())
+            if batch is None and flush is None:
+                await self._wait_changed(self.spec.policy.peer_flush_interval_s)
+                continue
+            if batch is not None:
+                await ch.send(batch)
+            if flush is not None:
+                await ch.send(flush)
+
+    async def _primary_receiver(self, ch: FrameChannel) -> None:
+        core = self.primary
+        assert core is not None
+        while True:
+            msg = await ch.receive()
+            if isinstance(msg, Ack):
+                self._complete(core.on_ack(msg))
+                self._notify()
+            elif isinstance(msg, Pong):
+                self.rtt.add(max(0.0, (time.monotonic_ns() - msg.sent_ns) / 1e9))
+            elif isinstance(msg, Ping):
+                await ch.send(Pong(msg.nonce, msg.sent_ns))
+            elif isinstance(msg, Bye):
+                raise ProtocolError(f"peer said goodbye: {msg.reason}")
+            else:
+                raise ProtocolError(f"unexpected {type(msg).__name__} from the secondary")
+
+    async def _keepalive(self, ch: FrameChannel) -> None:
+        timers = self.spec.timers
+        nonce = 0
+        while True:
+            nonce += 1
+            await ch.send(Ping(nonce, time.monotonic_ns()))
+            await trio.sleep(timers.keepalive_interval_s)
+            silent_s = trio.current_time() - ch.last_receive_s
+            if silent_s > timers.peer_timeout_s:
+                raise ProtocolError(f"peer silent for {silent_s:.1f} s (timeout)")
+
+    # --------------------------------------------------------- secondary link
+
+    async def handle_connection(self, stream: trio.abc.Stream, peer_label: str = "peer") -> None:
+        """Serve one incoming replication connection (secondary side).
+
+        A newer connection replaces an older one: the old session is stopped
+        (its in-progress apply finishes first) before the new handshake starts.
+        """
+        if self._session_scope is not None and self._session_done is not None:
+            self._session_scope.cancel()
+            await self._session_done.wait()
+        scope = trio.CancelScope()
+        done = trio.Event()
+        self._session_scope, self._session_done = scope, done
+        ch = FrameChannel(stream)
+        try:
+            with scope:
+                with trio.fail_after(self.spec.timers.connect_timeout_s):
+                    await self._secondary_handshake(ch)
+                self.connected_peer = peer_label
+                self.last_error = None
+                log.info("volume %s: receiving from %s", self.spec.name, peer_label)
+                await self._secondary_session(ch)
+        except HandshakeRefused as exc:
+            self._link_error(f"handshake refused: {exc.reason}")
+        except (
+            ProtocolError,
+            OSError,
+            trio.BrokenResourceError,
+            trio.TooSlowError,
+            trio.ClosedResourceError,
+        ) as exc:
+            self._link_error(_describe(exc))
+        finally:
+            if self._session_scope is scope:
+                self.connected_peer = None
+                self._session_scope = None
+            done.set()
+            await ch.aclose()
+
+    async def _secondary_handshake(self, ch: FrameChannel) -> None:
+        core = self.secondary
+        if core is None or self._role != Role.SECONDARY:
+            await ch.send(
+                Refuse(
+                    f"{self.spec.node} is primary for {self.spec.name}; "
+                    "two primaries cannot replicate (split brain)"
+                )
+            )
+            raise HandshakeRefused("a peer connected to us, but we are primary")
+        remote = await ch.receive()
+        if not isinstance(remote, Hello):
+            raise ProtocolError(f"expected HELLO, got {type(remote).__name__}")
+        local = self._hello()
+        reason = check_hello(local, remote)
+        if reason is not None:
+            await ch.send(Refuse(reason))
+            raise HandshakeRefused(reason)
+        await ch.send(local)
+        answer = await ch.receive()
+        if isinstance(answer, Refuse):
+            raise HandshakeRefused(f"the primary refused: {answer.reason}")
+        if not isinstance(answer, Welcome):
+            raise ProtocolError(f"expected WELCOME, got {type(answer).__name__}")
+        core.on_welcome(answer)
+        if self._replaying:
+            self._replay_until = answer.primary_seq
+
+    async def _secondary_session(self, ch: FrameChannel) -> None:
+        send_q, recv_q = trio.open_memory_channel[Writes | Flush](_APPLY_QUEUE_BATCHES)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._secondary_applier, ch, recv_q)
+            nursery.start_soon(self._keepalive, ch)
+            async with send_q:
+                await self._secondary_receiver(ch, send_q)
+            nursery.cancel_scope.cancel()
+
+    async def _secondary_receiver(
+        self, ch: FrameChannel, queue: trio.MemorySendChannel[Writes | Flush]
+    ) -> None:
+        core = self.secondary
+        assert core is not None
+        while True:
+            msg = await ch.receive()
+            if isinstance(msg, Writes):
+                core.on_writes(msg)  # validates the whole batch before anything is queued
+                await queue.send(msg)
+            elif isinstance(msg, Flush):
+                await queue.send(msg)
+            elif isinstance(msg, Ping):
+                await ch.send(Pong(msg.nonce, msg.sent_ns))
+            elif isinstance(msg, Pong):
+                self.rtt.add(max(0.0, (time.monotonic_ns() - msg.sent_ns) / 1e9))
+            elif isinstance(msg, Bye):
+                raise ProtocolError(f"primary said goodbye: {msg.reason}")
+            else:
+                raise ProtocolError(f"unexpected {type(msg).__name__} from the primary")
+
+    async def _secondary_applier(
+        self, ch: FrameChannel, queue: trio.MemoryReceiveChannel[Writes | Flush]
+    ) -> None:
+        core = self.secondary
+        assert core is not None
+        interval = self.spec.timers.secondary_sync_interval_s
+        last_sync = trio.current_time()
+        while True:
+            item: Writes | Flush | None = None
+            with trio.move_on_after(interval):
+                item = await queue.receive()
+            if isinstance(item, Writes):
+                # Shielded: applied_seq must match what is in the store.
+                with trio.CancelScope(shield=True):
+                    await self._apply_batch(item.entries)
+                    core.applied(item.entries[-1].seq)
+                    if self._replay_until is not None and core.applied_seq >= self._replay_until:
+                        self._replaying = False
+                        self._replay_until = None
+            elif isinstance(item, Flush):
+                core.on_flush(item)
+            now = trio.current_time()
+            periodic = core.durable_seq < core.applied_seq and now - last_sync >= interval
+            if core.sync_needed() or periodic:
+                with trio.CancelScope(shield=True):
+                    await self._secondary_sync()
+                last_sync = now
+            await ch.send(core.ack())
+
+    async def _apply_batch(self, entries: tuple[WriteEntry, ...]) -> None:
+        run: list[tuple[int, bytes]] = []
+        for e in entries:
+            if e.kind == WriteKind.WRITE:
+                run.append((e.offset, e.data))
+                continue
+            if run:
+                await self.store.write_many(run)
+                run = []
+            await self.store.write_zeroes(e.offset, e.length, e.kind == WriteKind.TRIM)
+        if run:
+            await self.store.write_many(run)
+
+    async def _secondary_sync(self) -> None:
+        core = self.secondary
+        assert core is not None
+        seq = core.applied_seq
+        await self.store.flush()
+        # Persist before acknowledging: the primary trims its log on this number.
+        self.state = await trio.to_thread.run_sync(self.meta.write, replace(self.state, seq=seq))
+        core.synced(seq)
+
+    # ---------------------------------------------------------------- control
+
+    def allow_degraded(self) -> int:
+        """Operator override (sync, suspend): complete writes without the peer.
+
+        Returns how many blocked writes were released.
+        """
+        if self.primary is None:
+            raise NotPrimaryError("allow-degraded applies to the primary only")
+        released = self.primary.allow_degraded()
+        self._complete(released)
+        self._notify()
+        log.warning(
+            "volume %s: operator allowed degraded running (%d writes released)",
+            self.spec.name,
+            len(released),
+        )
+        return len(released)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has finished."""
+        return self._closed
+
+    @property
+    def consistency(self) -> str:
+        """``consistent``, ``outdated`` (a consistent older image) or
+        ``inconsistent`` (a secondary replaying after a crash)."""
+        if self._replaying:
+            return "inconsistent"
+        if self.primary is None and self.state.outdated:
+            return "outdated"
+        return "consistent"
+
+    def status(self) -> dict[str, Any]:
+        """Everything ``geoclus volume status`` shows, JSON-ready."""
+        now = trio.current_time()
+        p50 = self.write_latency.percentile(50)
+        p99 = self.write_latency.percentile(99)
+        rtt = self.rtt.percentile(50)
+        out: dict[str, Any] = {
+            "volume": self.spec.name,
+            "node": self.spec.node,
+            "role": self._role.name.lower(),
+            "mode": self.spec.policy.mode.name.lower(),
+            "connected": self.connected_peer is not None,
+            "peer": self.connected_peer,
+            "generation": f"{self.state.generation:#018x}",
+            "consistency": self.consistency,
+            "last_error": self.last_error,
+            "size_bytes": self.spec.size_bytes,
+            "rtt_p50_ms": None if rtt is None else rtt * 1e3,
+            "store": self.store.statistics(),
+        }
+        core = self.primary
+        if core is not None:
+            out.update(
+                in_flight_writes=self.in_flight_writes,
+                last_seq=core.last_seq,
+                peer_applied_seq=core.peer_applied,
+                peer_durable_seq=core.peer_durable,
+                lag_bytes=core.lag_bytes,
+                lag_writes=core.lag_writes,
+                lag_seconds=core.lag_seconds(now),
+                max_lag_bytes_seen=core.stats.max_lag_bytes_seen,
+                dirty_bytes=core.bitmap.dirty_bytes,
+                peer_outdated=core.outdated,
+                suspended=core.suspended,
+                degraded_allowed=core.degraded_allowed,
+                retained_log_bytes=core.log_bytes,
+                in_flight_bytes=core.in_flight_bytes,
+                writes=core.stats.writes,
+                bytes_written=core.stats.bytes_written,
+                write_latency_p50_ms=None if p50 is None else p50 * 1e3,
+                write_latency_p99_ms=None if p99 is None else p99 * 1e3,
+            )
+        else:
+            sec = self.secondary
+            assert sec is not None
+            out.update(
+                in_flight_writes=0,
+                applied_seq=sec.applied_seq,
+                durable_seq=sec.durable_seq,
+                primary_seq_at_connect=sec.primary_seq,
+                lag_bytes=0,
+                lag_writes=max(0, sec.primary_seq - sec.applied_seq),
+                lag_seconds=0.0,
+                dirty_bytes=0,
+                write_latency_p50_ms=None,
+                write_latency_p99_ms=None,
+            )
+        return out
+
+    async def close(self, *, drain: bool = True) -> None:
+        """Stop: refuse new writes, let writes in flight finish, drain the peer
+        (bounded by ``drain_timeout_s``), sync the store and record a clean
+        shutdown in the metadata."""
+        if self._closed:
+            return
+        self._closing = True
+        self._notify()
+        core = self.primary
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.spec.timers.drain_timeout_s):
+                while self.in_flight_writes:
+                    await self._wait_changed(0.05)
+                if drain and core is not None:
+                    while core.connected and not core.outdated and core.lag_writes:
+                        await self._wait_changed(0.05)
+            try:
+                await self.store.flush()
+            except StoreError as exc:
+                log.error("volume %s: final sync failed: %s", self.spec.name, exc)
+                self.store.close()
+                self.meta.close()
+                self._closed = True
+                return
+            if core is not None:
+                new = replace(
+                    self.state,
+                    clean=True,
+                    seq=core.last_seq,
+                    outdated=core.outdated or core.lag_writes > 0,
+                )
+            else:
+                assert self.secondary is not None
+                new = replace(self.state, clean=not self._replaying, seq=self.secondary.applied_seq)
+            self.state = await trio.to_thread.run_sync(self.meta.write, new)
+            self.store.close()
+            self.meta.close()
+            self._closed = True
+
+
+def _new_generation() -> int:
+    return secrets.randbits(63) | 1
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ProtocolError):
+        return exc.reason
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}"
+    return str(exc) or type(exc).__name__
+
+
+__all__ = ["Connector", "FrameChannel", "LinkTimers", "ReplicatedVolume", "VolumeSpec"]
