@@ -46,8 +46,13 @@ def volume() -> None:
 
 
 @volume.command()
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="The site's TOML configuration file.")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The site's TOML configuration file.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def serve(config_path: str, verbose: bool) -> None:
     """Run this site's copy of the volume until SIGTERM/SIGINT."""
@@ -91,8 +96,9 @@ def _fmt_status(s: dict[str, Any]) -> str:
                 "link or run `geoclus volume allow-degraded`"
             )
         if s.get("peer_outdated"):
-            lines.append("  peer:           OUTDATED (changes tracked in the dirty bitmap; "
-                         "needs a resync)")
+            lines.append(
+                "  peer:           OUTDATED (changes tracked in the dirty bitmap; needs a resync)"
+            )
         if s.get("degraded_allowed"):
             lines.append("  degraded:       allowed by the operator (writes complete locally)")
         lines.append(f"  in flight:      {s['in_flight_writes']} writes")
@@ -105,8 +111,10 @@ def _fmt_status(s: dict[str, Any]) -> str:
             f"  writes:         {s['writes']} ({format_size(s['bytes_written'])}); latency "
             f"p50 {_ms(s['write_latency_p50_ms'])}, p99 {_ms(s['write_latency_p99_ms'])}"
         )
-        lines.append(f"  sequence:       last {s['last_seq']}, peer applied "
-                     f"{s['peer_applied_seq']}, peer durable {s['peer_durable_seq']}")
+        lines.append(
+            f"  sequence:       last {s['last_seq']}, peer applied "
+            f"{s['peer_applied_seq']}, peer durable {s['peer_durable_seq']}"
+        )
     else:
         lines.append(f"  sequence:       applied {s['applied_seq']}, durable {s['durable_seq']}")
     lines.append(f"  round trip:     {_ms(s.get('rtt_p50_ms'))} (p50)")
@@ -154,8 +162,11 @@ def stop(config_path: str) -> None:
 def _attach_subcommands() -> None:
     import importlib
 
-    for module, name in (("geoclus.ca_cli", "ca"), ("geoclus.linkemu_cli", "linkemu"),
-                         ("geoclus.demo", "demo")):
+    for module, name in (
+        ("geoclus.ca_cli", "ca"),
+        ("geoclus.linkemu_cli", "linkemu"),
+        ("geoclus.demo", "demo"),
+    ):
         try:
             main.add_command(getattr(importlib.import_module(module), name))
         except ModuleNotFoundError:  # TEMP during bring-up

@@ -91,15 +91,32 @@ class DaemonConfig:
 
 _ALLOWED = {
     "volume": {
-        "name", "id", "size", "block_size", "store", "meta", "mode", "role",
-        "on_peer_loss", "on_congestion", "max_lag_bytes", "max_in_flight_bytes",
+        "name",
+        "id",
+        "size",
+        "block_size",
+        "store",
+        "meta",
+        "mode",
+        "role",
+        "on_peer_loss",
+        "on_congestion",
+        "max_lag_bytes",
+        "max_in_flight_bytes",
         "region_size",
     },
     "node": {"name"},
     "replication": {
-        "listen", "peer", "tls", "keepalive_interval_s", "peer_timeout_s",
-        "connect_timeout_s", "secondary_sync_interval_s", "drain_timeout_s",
-        "max_batch_bytes", "peer_flush_interval_s",
+        "listen",
+        "peer",
+        "tls",
+        "keepalive_interval_s",
+        "peer_timeout_s",
+        "connect_timeout_s",
+        "secondary_sync_interval_s",
+        "drain_timeout_s",
+        "max_batch_bytes",
+        "peer_flush_interval_s",
     },
     "export": {"nbd", "name"},
     "control": {"socket"},
@@ -132,8 +149,14 @@ class _Reader:
             )
         return value
 
-    def get(self, table: dict[str, Any], tname: str, key: str, kind: type | tuple[type, ...],
-            default: Any = ..., ) -> Any:
+    def get(
+        self,
+        table: dict[str, Any],
+        tname: str,
+        key: str,
+        kind: type | tuple[type, ...],
+        default: Any = ...,
+    ) -> Any:
         if key not in table:
             if default is ...:
                 raise self.fail(f"{tname}.{key}", "missing (required)")
@@ -142,16 +165,24 @@ class _Reader:
         if isinstance(value, bool) and kind is not bool:
             raise self.fail(f"{tname}.{key}", f"must be {_kind_name(kind)}, not a boolean")
         if not isinstance(value, kind):
-            raise self.fail(f"{tname}.{key}",
-                            f"must be {_kind_name(kind)}, not {type(value).__name__}")
+            raise self.fail(
+                f"{tname}.{key}", f"must be {_kind_name(kind)}, not {type(value).__name__}"
+            )
         return value
 
-    def choice(self, table: dict[str, Any], tname: str, key: str, options: tuple[str, ...],
-               default: Any = ...) -> str:
+    def choice(
+        self,
+        table: dict[str, Any],
+        tname: str,
+        key: str,
+        options: tuple[str, ...],
+        default: Any = ...,
+    ) -> str:
         value = self.get(table, tname, key, str, default)
         if value not in options:
-            raise self.fail(f"{tname}.{key}",
-                            f"{value!r} is not one of {', '.join(map(repr, options))}")
+            raise self.fail(
+                f"{tname}.{key}", f"{value!r} is not one of {', '.join(map(repr, options))}"
+            )
         return str(value)
 
     def size(self, table: dict[str, Any], tname: str, key: str, default: Any = ...) -> int:
@@ -181,8 +212,13 @@ class _Reader:
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-             dict: "a table"}
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        dict: "a table",
+    }
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
@@ -193,7 +229,7 @@ def parse_endpoint(text: str, fail: Any = None) -> Endpoint:
         return fail(problem) if fail else ValueError(problem)
 
     if text.startswith("tcp://"):
-        text = text[len("tcp://"):]
+        text = text[len("tcp://") :]
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
         raise bad(f"{text!r} is not HOST:PORT")
@@ -261,14 +297,17 @@ def parse_config(data: dict[str, Any], path: str = "<memory>") -> DaemonConfig:
     )
     region = r.size(vol, "volume", "region_size", 64 * 1024)
     if region < block_size or region & (region - 1):
-        raise r.fail("volume.region_size",
-                     f"{region} must be a power of two no smaller than the block size")
+        raise r.fail(
+            "volume.region_size", f"{region} must be a power of two no smaller than the block size"
+        )
     max_lag = r.size(vol, "volume", "max_lag_bytes", "256MiB")
     max_inflight = r.size(vol, "volume", "max_in_flight_bytes", "32MiB")
     max_batch = r.size(rep, "replication", "max_batch_bytes", "4MiB")
-    for key, value, low in (("volume.max_lag_bytes", max_lag, 1024 * 1024),
-                            ("volume.max_in_flight_bytes", max_inflight, 64 * 1024),
-                            ("replication.max_batch_bytes", max_batch, 64 * 1024)):
+    for key, value, low in (
+        ("volume.max_lag_bytes", max_lag, 1024 * 1024),
+        ("volume.max_in_flight_bytes", max_inflight, 64 * 1024),
+        ("replication.max_batch_bytes", max_batch, 64 * 1024),
+    ):
         if value < low:
             raise r.fail(key, f"{value} bytes is below the minimum of {low}")
     if max_batch > 16 * 1024 * 1024:
@@ -291,8 +330,10 @@ def parse_config(data: dict[str, Any], path: str = "<memory>") -> DaemonConfig:
         drain_timeout_s=r.seconds(rep, "replication", "drain_timeout_s", 10.0),
     )
     if timers.peer_timeout_s <= timers.keepalive_interval_s:
-        raise r.fail("replication.peer_timeout_s",
-                     "must be longer than keepalive_interval_s, or every link looks dead")
+        raise r.fail(
+            "replication.peer_timeout_s",
+            "must be longer than keepalive_interval_s, or every link looks dead",
+        )
     node = r.get(node_t, "node", "name", str, None) or socket.gethostname()
 
     listen = r.endpoint(r.get(rep, "replication", "listen", str), "replication.listen")
@@ -302,27 +343,37 @@ def parse_config(data: dict[str, Any], path: str = "<memory>") -> DaemonConfig:
         raise r.fail("replication.peer", "missing: a primary must know its secondary's address")
     tls_value = rep.get("tls")
     if tls_value is None:
-        raise r.fail("replication.tls",
-                     "missing: give a table {ca, cert, key} for mutual TLS, or false to run "
-                     "plain TCP on purpose")
+        raise r.fail(
+            "replication.tls",
+            "missing: give a table {ca, cert, key} for mutual TLS, or false to run "
+            "plain TCP on purpose",
+        )
     tls: TlsConfig | None
     if tls_value is False:
         tls = None
     elif isinstance(tls_value, dict):
         unknown = set(tls_value) - {"ca", "cert", "key", "peer_node"}
         if unknown:
-            raise r.fail(f"replication.tls.{sorted(unknown)[0]}",
-                         "unknown key (allowed: ca, cert, key, peer_node)")
+            raise r.fail(
+                f"replication.tls.{sorted(unknown)[0]}",
+                "unknown key (allowed: ca, cert, key, peer_node)",
+            )
         files = {}
         for key in ("ca", "cert", "key"):
             p = r.path_of(tls_value, "replication.tls", key)
             if not os.path.isfile(p):
-                raise r.fail(f"replication.tls.{key}",
-                             f"{p} does not exist (create it with `geoclus ca init` / "
-                             "`geoclus ca issue NODE`)")
+                raise r.fail(
+                    f"replication.tls.{key}",
+                    f"{p} does not exist (create it with `geoclus ca init` / "
+                    "`geoclus ca issue NODE`)",
+                )
             files[key] = p
-        tls = TlsConfig(files["ca"], files["cert"], files["key"],
-                        r.get(tls_value, "replication.tls", "peer_node", str, None))
+        tls = TlsConfig(
+            files["ca"],
+            files["cert"],
+            files["key"],
+            r.get(tls_value, "replication.tls", "peer_node", str, None),
+        )
     else:
         raise r.fail("replication.tls", "must be a table {ca, cert, key} or false")
 

@@ -31,20 +31,29 @@ MAX_CLIENTS = 16
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
+def remove_stale_socket(path: str) -> None:
+    """Remove a socket file nobody listens on; refuse a live one or a non-socket.
+
+    Raises GeoclusError naming the path and the problem.
+    """
+    if not os.path.exists(path):
+        return
+    if not stat.S_ISSOCK(os.stat(path).st_mode):
+        raise GeoclusError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+    else:
+        raise GeoclusError(f"{path} is in use by a running daemon; stop it first")
+    finally:
+        probe.close()
+
+
 async def _bind(path: str) -> trio.socket.SocketType:
+    remove_stale_socket(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    if os.path.exists(path):
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
-            raise GeoclusError(f"{path} exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)
-        else:
-            raise GeoclusError(f"{path} is in use by a running daemon; stop it first")
-        finally:
-            probe.close()
     old = os.umask(0o177)
     try:
         await sock.bind(path)
@@ -55,8 +64,9 @@ async def _bind(path: str) -> trio.socket.SocketType:
     return sock
 
 
-async def serve_control(path: str, handler: Handler, *,
-                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_control(
+    path: str, handler: Handler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Serve ``handler`` on the Unix socket ``path`` until cancelled; removes the
     socket file on exit."""
     sock = await _bind(path)
@@ -149,7 +159,9 @@ def request(path: str, cmd: str, timeout_s: float = 30.0, **args: Any) -> dict[s
             try:
                 data = sock.recv(65536)
             except TimeoutError:
-                raise ControlError(f"the daemon at {path} did not answer in {timeout_s} s") from None
+                raise ControlError(
+                    f"the daemon at {path} did not answer in {timeout_s} s"
+                ) from None
             if not data:
                 raise ControlError(f"the daemon at {path} closed the connection")
             buf += data

@@ -106,8 +106,11 @@ class Daemon:
                 label = f"{_check_peer_name(self.cfg, tls)}@{label}"
             except (trio.BrokenResourceError, trio.TooSlowError, GeoclusError) as exc:
                 cause = exc.__cause__ or exc
-                log.warning("refused replication connection from %s: %s", label,
-                            cause if str(cause) else type(cause).__name__)
+                log.warning(
+                    "refused replication connection from %s: %s",
+                    label,
+                    cause if str(cause) else type(cause).__name__,
+                )
                 await trio.aclose_forcefully(stream)
                 return
             conn = tls
@@ -136,8 +139,12 @@ class Daemon:
                 self._shutdown.set()
                 return
 
-    async def run(self, *, task_status: trio.TaskStatus[DaemonAddresses] = trio.TASK_STATUS_IGNORED,
-                  handle_signals: bool = True) -> None:
+    async def run(
+        self,
+        *,
+        task_status: trio.TaskStatus[DaemonAddresses] = trio.TASK_STATUS_IGNORED,
+        handle_signals: bool = True,
+    ) -> None:
         """Run until shutdown is requested; ``task_status`` gets the bound addresses."""
         cfg = self.cfg
         self.volume = vol = await ReplicatedVolume.open(cfg.spec)
@@ -161,9 +168,13 @@ class Daemon:
                 await nursery.start(serve_control, cfg.control_socket, self._control)
                 log.info(
                     "volume %s: %s, %s mode, generation %#x; replication on %s:%d; NBD on %s",
-                    cfg.spec.name, cfg.spec.role.name.lower(),
-                    cfg.spec.policy.mode.name.lower(), vol.state.generation, rep_addr[0],
-                    rep_addr[1], nbd_addr.unix_path or nbd_addr.tcp,
+                    cfg.spec.name,
+                    cfg.spec.role.name.lower(),
+                    cfg.spec.policy.mode.name.lower(),
+                    vol.state.generation,
+                    rep_addr[0],
+                    rep_addr[1],
+                    nbd_addr.unix_path or nbd_addr.tcp,
                 )
                 task_status.started(
                     DaemonAddresses(

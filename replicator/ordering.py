@@ -16,8 +16,11 @@ class OverlapTracker:
     Bounded by the number of writes in flight, which the export bounds.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, fault_ignore_overlaps: bool = False) -> None:
+        """``fault_ignore_overlaps`` is a test-only fault that breaks the rule
+        (no write ever waits), so tests can show they catch it."""
         self._ranges: dict[int, tuple[int, int]] = {}
+        self._fault = fault_ignore_overlaps
 
     def add(self, seq: int, offset: int, length: int) -> list[int]:
         """Register write ``seq`` and return the in-flight earlier writes it overlaps.
@@ -31,7 +34,7 @@ class OverlapTracker:
             if other < seq and o_start < end and offset < o_end
         ]
         self._ranges[seq] = (offset, end)
-        return blockers
+        return [] if self._fault else blockers
 
     def remove(self, seq: int) -> None:
         """Forget write ``seq`` (applied or failed)."""

@@ -496,8 +496,19 @@ class SecondaryCore:
     """Replication state of a secondary copy receiving from one primary."""
 
     def __init__(
-        self, size_bytes: int, block_size: int, *, durable_seq: int, applied_seq: int | None = None
+        self,
+        size_bytes: int,
+        block_size: int,
+        *,
+        durable_seq: int,
+        applied_seq: int | None = None,
+        fault_apply_out_of_order: bool = False,
     ) -> None:
+        """``fault_apply_out_of_order`` is a test-only fault: it breaks the
+        ordering rule (each batch is applied in reverse) so the property tests
+        and the crash campaign can show that they catch it. Never set it in
+        production."""
+        self._fault_out_of_order = fault_apply_out_of_order
         self.size_bytes = size_bytes
         self.block_size = block_size
         self.durable_seq = durable_seq
@@ -549,6 +560,8 @@ class SecondaryCore:
             if e.fua:
                 self._fua_upto = e.seq
         self.received_seq = batch.entries[-1].seq
+        if self._fault_out_of_order:
+            return tuple(reversed(batch.entries))
         return batch.entries
 
     def applied(self, seq: int) -> None:
@@ -556,6 +569,13 @@ class SecondaryCore:
         if seq > self.received_seq or seq < self.applied_seq:
             raise AssertionError(f"applied {seq} outside ({self.applied_seq}, {self.received_seq}]")
         self.applied_seq = seq
+
+    def reset_link(self) -> None:
+        """The connection ended: forget what was received but not applied."""
+        self.welcomed = False
+        self.received_seq = self.applied_seq
+        self._flush_upto = 0
+        self._fua_upto = min(self._fua_upto, self.applied_seq)
 
     def on_flush(self, flush: Flush) -> None:
         if not self.welcomed:

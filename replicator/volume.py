@@ -147,6 +147,11 @@ class FrameChannel:
                 await self.stream.aclose()
 
 
+# What the secondary's receiver hands its applier: a validated batch in the
+# order the core says to apply it, with its last sequence number; or a FLUSH.
+_ApplyItem = tuple[tuple[WriteEntry, ...], int] | Flush
+
+
 class ReplicatedVolume:
     """One site's copy of a replicated volume (a :class:`BlockDevice`).
 
@@ -590,6 +595,8 @@ class ReplicatedVolume:
         ) as exc:
             self._link_error(_describe(exc))
         finally:
+            if self.secondary is not None:
+                self.secondary.reset_link()
             if self._session_scope is scope:
                 self.connected_peer = None
                 self._session_scope = None
@@ -625,7 +632,7 @@ class ReplicatedVolume:
             self._replay_until = answer.primary_seq
 
     async def _secondary_session(self, ch: FrameChannel) -> None:
-        send_q, recv_q = trio.open_memory_channel[Writes | Flush](_APPLY_QUEUE_BATCHES)
+        send_q, recv_q = trio.open_memory_channel[_ApplyItem](_APPLY_QUEUE_BATCHES)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._secondary_applier, ch, recv_q)
             nursery.start_soon(self._keepalive, ch)
@@ -634,15 +641,17 @@ class ReplicatedVolume:
             nursery.cancel_scope.cancel()
 
     async def _secondary_receiver(
-        self, ch: FrameChannel, queue: trio.MemorySendChannel[Writes | Flush]
+        self, ch: FrameChannel, queue: trio.MemorySendChannel[_ApplyItem]
     ) -> None:
         core = self.secondary
         assert core is not None
         while True:
             msg = await ch.receive()
             if isinstance(msg, Writes):
-                core.on_writes(msg)  # validates the whole batch before anything is queued
-                await queue.send(msg)
+                # Validates the whole batch before anything is queued, and says
+                # in which order to apply it.
+                ordered = core.on_writes(msg)
+                await queue.send((ordered, msg.entries[-1].seq))
             elif isinstance(msg, Flush):
                 await queue.send(msg)
             elif isinstance(msg, Ping):
@@ -655,21 +664,22 @@ class ReplicatedVolume:
                 raise ProtocolError(f"unexpected {type(msg).__name__} from the primary")
 
     async def _secondary_applier(
-        self, ch: FrameChannel, queue: trio.MemoryReceiveChannel[Writes | Flush]
+        self, ch: FrameChannel, queue: trio.MemoryReceiveChannel[_ApplyItem]
     ) -> None:
         core = self.secondary
         assert core is not None
         interval = self.spec.timers.secondary_sync_interval_s
         last_sync = trio.current_time()
         while True:
-            item: Writes | Flush | None = None
+            item: _ApplyItem | None = None
             with trio.move_on_after(interval):
                 item = await queue.receive()
-            if isinstance(item, Writes):
+            if isinstance(item, tuple):
+                ordered, last_seq = item
                 # Shielded: applied_seq must match what is in the store.
                 with trio.CancelScope(shield=True):
-                    await self._apply_batch(item.entries)
-                    core.applied(item.entries[-1].seq)
+                    await self._apply_batch(ordered)
+                    core.applied(last_seq)
                     if self._replay_until is not None and core.applied_seq >= self._replay_until:
                         self._replaying = False
                         self._replay_until = None

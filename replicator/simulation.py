@@ -1,0 +1,590 @@
+"""Deterministic simulation of a primary and a secondary joined by a faulty link.
+
+The simulation drives the *production* pieces (:class:`PrimaryCore`,
+:class:`SecondaryCore`, :class:`OverlapTracker`, the frame codec and the
+handshake checks) with simulated disks and a simulated link, one event at a
+time. Every step is chosen by the caller (hypothesis rules) or by a seeded
+random generator (:func:`run_random`), so any failure replays exactly.
+
+Faults it can inject: link cuts at any point (frames in flight are lost),
+corrupted bytes on the link, frames split at arbitrary byte boundaries, a
+secondary crash that loses a random subset of what it had not synced, local
+writes completing in any order the overlap rule allows.
+
+:meth:`Simulation.check` asserts the safety properties after every step:
+
+1. sync mode: every write acknowledged while the peer was required is applied
+   on the secondary; every FUA write or flush acknowledged is durable there;
+2. the secondary's image always equals the primary's history after exactly its
+   ``applied_seq`` writes (a prefix), except while it replays after a crash;
+3. the primary's own image equals its history once no local write is pending
+   (overlapping writes applied in sequence order);
+6. a corrupted frame is refused before anything in it is applied (follows
+   from 2: a partially applied frame would not be a prefix).
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from dataclasses import dataclass, field
+
+from geoclus.errors import ProtocolError
+from replicator.frames import (
+    Ack,
+    Flush,
+    FrameDecoder,
+    FrameEncoder,
+    Message,
+    Mode,
+    Refuse,
+    Role,
+    Welcome,
+    WriteEntry,
+    WriteKind,
+    Writes,
+)
+from replicator.handshake import check_hello, make_hello, negotiate_version
+from replicator.ordering import OverlapTracker
+from replicator.session import PrimaryCore, ReplicationPolicy, SecondaryCore
+
+BLOCK = 512
+VOLUME_ID = b"\x01" * 16
+
+
+class SimDisk:
+    """A disk with a volatile cache: writes land in the cache; ``flush`` makes
+    them durable; ``crash`` keeps a random subset of the cached writes, applied
+    in order (what a power cut does to a page cache)."""
+
+    def __init__(self, size_bytes: int) -> None:
+        self.durable = bytearray(size_bytes)
+        self.cache: list[tuple[int, bytes]] = []
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.cache.append((offset, data))
+
+    def image(self) -> bytearray:
+        img = bytearray(self.durable)
+        for offset, data in self.cache:
+            img[offset : offset + len(data)] = data
+        return img
+
+    def flush(self) -> None:
+        for offset, data in self.cache:
+            self.durable[offset : offset + len(data)] = data
+        self.cache.clear()
+
+    def crash(self, rng: random.Random) -> int:
+        kept = 0
+        for offset, data in self.cache:
+            if rng.random() < 0.5:
+                self.durable[offset : offset + len(data)] = data
+                kept += 1
+        self.cache.clear()
+        return kept
+
+
+def payload(seq: int, length: int) -> bytes:
+    """Distinct, recognisable content for write ``seq``."""
+    return struct.pack(">Q", seq) * (length // 8)
+
+
+@dataclass
+class PendingLocal:
+    seq: int
+    kind: WriteKind
+    offset: int
+    length: int
+    data: bytes
+    fua: bool
+    blockers: set[int]
+
+
+@dataclass
+class PendingFlush:
+    upto: int
+    covers: int  # highest write completed before the flush was issued
+    peer_required: bool
+
+
+@dataclass
+class SimStats:
+    writes: int = 0
+    acked: int = 0
+    flushes_acked: int = 0
+    cuts: int = 0
+    corruptions: int = 0
+    crashes: int = 0
+    protocol_errors: list[str] = field(default_factory=list)
+    batches_applied: int = 0
+
+
+class Simulation:
+    """A primary, a secondary and the link between them, stepped by hand."""
+
+    def __init__(
+        self,
+        policy: ReplicationPolicy,
+        *,
+        blocks: int = 32,
+        seed: int = 0,
+        fault_secondary_out_of_order: bool = False,
+        fault_primary_ignore_overlaps: bool = False,
+    ) -> None:
+        self.policy = policy
+        self.size_bytes = blocks * BLOCK
+        self.rng = random.Random(seed)
+        self.now_s = 0.0
+        self.history: list[tuple[WriteKind, int, int, bytes]] = []  # index = seq - 1
+        self._prefix_cache: dict[int, bytes] = {0: bytes(self.size_bytes)}
+        self.primary = PrimaryCore(policy, self.size_bytes)
+        self.overlap = OverlapTracker(fault_ignore_overlaps=fault_primary_ignore_overlaps)
+        self.primary_disk = bytearray(self.size_bytes)
+        self.pending_local: dict[int, PendingLocal] = {}
+        self.pending_flushes: list[PendingFlush] = []
+        self.acked: set[int] = set()
+        self.fua_writes: set[int] = set()
+        self.fault_out_of_order = fault_secondary_out_of_order
+        self.sec_disk = SimDisk(self.size_bytes)
+        self.sec_meta_durable = 0
+        self.secondary = self._new_secondary(0)
+        # Validated batches (in the order the core says to apply) and flushes.
+        self.sec_queue: list[tuple[tuple[WriteEntry, ...], int] | Flush] = []
+        self.replaying_until: int | None = None
+        self.replaying = False
+        # After a crash the durable image holds a torn mix until the next sync.
+        self.durable_torn = False
+        # Safety obligations.
+        self.must_be_applied = 0  # sync writes acknowledged with the peer required
+        self.must_be_durable = 0  # FUA writes / flushes acknowledged with the peer required
+        self.connected = False
+        self.to_secondary: list[bytes] = []
+        self.to_primary: list[bytes] = []
+        self._reset_codecs()
+        self.stats = SimStats()
+
+    def _new_secondary(self, durable: int) -> SecondaryCore:
+        return SecondaryCore(
+            self.size_bytes,
+            BLOCK,
+            durable_seq=durable,
+            fault_apply_out_of_order=self.fault_out_of_order,
+        )
+
+    def _reset_codecs(self) -> None:
+        self.p_enc, self.s_enc = FrameEncoder(), FrameEncoder()
+        self.p_dec, self.s_dec = FrameDecoder(), FrameDecoder()
+
+    # ------------------------------------------------------------ reference
+
+    def prefix_image(self, k: int) -> bytes:
+        """The primary's image after its first ``k`` writes, in sequence order."""
+        if k in self._prefix_cache:
+            return self._prefix_cache[k]
+        base_k = max(j for j in self._prefix_cache if j <= k)
+        img = bytearray(self._prefix_cache[base_k])
+        for kind, offset, length, data in self.history[base_k:k]:
+            img[offset : offset + length] = data if kind == WriteKind.WRITE else bytes(length)
+        self._prefix_cache[k] = bytes(img)
+        return self._prefix_cache[k]
+
+    # --------------------------------------------------------- application
+
+    def tick(self, dt_s: float) -> None:
+        self.now_s += dt_s
+
+    def app_write(
+        self, block: int, nblocks: int, fua: bool, kind: WriteKind = WriteKind.WRITE
+    ) -> int | None:
+        """The application issues a write; returns its sequence number, or None
+        if admission made it wait (the write is simply not issued yet)."""
+        block = block % (self.size_bytes // BLOCK)
+        nblocks = max(1, min(nblocks, self.size_bytes // BLOCK - block))
+        offset, length = block * BLOCK, nblocks * BLOCK
+        verdict = self.primary.admission(length, kind)
+        if verdict == "wait":
+            return None
+        if verdict == "overflow":
+            self.primary.go_outdated()
+        seq = self.primary.last_seq + 1
+        data = payload(seq, length) if kind == WriteKind.WRITE else b""
+        got = self.primary.submit(kind, offset, length, data, fua, self.now_s)
+        assert got == seq
+        self.history.append((kind, offset, length, data))
+        blockers = set(self.overlap.add(seq, offset, length))
+        self.pending_local[seq] = PendingLocal(seq, kind, offset, length, data, fua, blockers)
+        if fua:
+            self.fua_writes.add(seq)
+        self.stats.writes += 1
+        return seq
+
+    def local_ready(self) -> list[int]:
+        """Local writes whose earlier overlapping writes have all been applied."""
+        return [
+            s for s, p in self.pending_local.items() if not (p.blockers & self.pending_local.keys())
+        ]
+
+    def complete_local(self, pick: int) -> bool:
+        ready = self.local_ready()
+        if not ready:
+            return False
+        seq = ready[pick % len(ready)]
+        p = self.pending_local.pop(seq)
+        self.primary_disk[p.offset : p.offset + p.length] = (
+            p.data if p.kind == WriteKind.WRITE else bytes(p.length)
+        )
+        self.overlap.remove(seq)
+        self._completed(self.primary.local_done(seq))
+        return True
+
+    def _completed(self, seqs: list[int]) -> None:
+        required = self.primary.peer_required()
+        for seq in seqs:
+            self.acked.add(seq)
+            self.stats.acked += 1
+            if required and self.policy.mode == Mode.SYNC:
+                self.must_be_applied = max(self.must_be_applied, seq)
+                if seq in self.fua_writes:
+                    self.must_be_durable = max(self.must_be_durable, seq)
+        self._check_flushes()
+
+    def app_flush(self) -> None:
+        """The application issues a flush (covers every write completed so far)."""
+        core = self.primary
+        covers = max(self.acked, default=0)
+        required = core.peer_required()
+        upto = core.request_peer_flush() if required else 0
+        self.pending_flushes.append(PendingFlush(upto, covers, required))
+        self._check_flushes()
+
+    def _check_flushes(self) -> None:
+        still = []
+        for f in self.pending_flushes:
+            if self.primary.peer_flush_satisfied(f.upto):
+                self.stats.flushes_acked += 1
+                if f.peer_required and self.primary.peer_required():
+                    self.must_be_durable = max(self.must_be_durable, f.covers)
+            else:
+                still.append(f)
+        self.pending_flushes = still
+
+    # ------------------------------------------------------------------ link
+
+    def connect(self) -> bool:
+        """Run the handshake if the link is down; True if it came up."""
+        if self.connected:
+            return False
+        self._reset_codecs()
+        self.to_primary.clear()
+        self.to_secondary.clear()
+        core = self.primary
+        p_hello = make_hello(
+            role=Role.PRIMARY,
+            mode=self.policy.mode,
+            flags=0,
+            block_size=BLOCK,
+            size_bytes=self.size_bytes,
+            volume_id=VOLUME_ID,
+            generation=0,
+            applied_seq=core.last_seq,
+            durable_seq=core.last_seq,
+            node="a",
+        )
+        sec = self.secondary
+        s_hello = make_hello(
+            role=Role.SECONDARY,
+            mode=self.policy.mode,
+            flags=0,
+            block_size=BLOCK,
+            size_bytes=self.size_bytes,
+            volume_id=VOLUME_ID,
+            generation=0,
+            applied_seq=sec.applied_seq,
+            durable_seq=sec.durable_seq,
+            node="b",
+        )
+        # Through the codec, as on the wire.
+        self.s_dec.receive_data(self.p_enc.encode(p_hello))
+        got = self.s_dec.next_message()
+        assert got == p_hello and check_hello(s_hello, p_hello) is None
+        self.p_dec.receive_data(self.s_enc.encode(s_hello))
+        got2 = self.p_dec.next_message()
+        assert got2 == s_hello and check_hello(p_hello, s_hello) is None
+        version = negotiate_version(p_hello, s_hello)
+        assert version is not None
+        answer = core.peer_connected(s_hello, version)
+        if isinstance(answer, Refuse):
+            self.stats.protocol_errors.append(answer.reason)
+            return False
+        assert isinstance(answer, Welcome)
+        sec.on_welcome(answer)
+        if self.replaying:
+            self.replaying_until = answer.primary_seq
+        self.connected = True
+        self._completed(core._collect())
+        return True
+
+    def cut(self) -> None:
+        """The link fails: frames in flight are lost, both sides see it."""
+        if not self.connected:
+            return
+        self.stats.cuts += 1
+        self.connected = False
+        self.to_primary.clear()
+        self.to_secondary.clear()
+        self.sec_queue.clear()
+        self.secondary.reset_link()
+        self._completed(self.primary.peer_lost())
+
+    def ship(self) -> bool:
+        """The primary's sender runs once: a batch and/or a flush go on the wire."""
+        if not self.connected:
+            return False
+        sent = False
+        batch = self.primary.next_batch()
+        if batch is not None:
+            self.to_secondary.append(self.p_enc.encode(batch))
+            sent = True
+        flush = self.primary.next_flush(self.now_s)
+        if flush is not None:
+            self.to_secondary.append(self.p_enc.encode(flush))
+            sent = True
+        return sent
+
+    def corrupt(self, frame: int, byte: int) -> bool:
+        """Flip one byte of a frame in flight to the secondary."""
+        if not self.to_secondary:
+            return False
+        i = frame % len(self.to_secondary)
+        raw = bytearray(self.to_secondary[i])
+        raw[byte % len(raw)] ^= 0x5A
+        self.to_secondary[i] = bytes(raw)
+        self.stats.corruptions += 1
+        return True
+
+    def _protocol_failure(self, exc: ProtocolError) -> None:
+        self.stats.protocol_errors.append(exc.reason)
+        self.cut()
+
+    def deliver_to_secondary(self, split: int = 0) -> bool:
+        """Deliver the next frame (or, with ``split``, only part of it)."""
+        if not self.connected or not self.to_secondary:
+            return False
+        raw = self.to_secondary.pop(0)
+        if split and split % len(raw) > 0:
+            cut = split % len(raw)
+            self.to_secondary.insert(0, raw[cut:])
+            raw = raw[:cut]
+        try:
+            self.s_dec.receive_data(raw)
+            while True:
+                msg = self.s_dec.next_message()
+                if msg is None:
+                    break
+                self._secondary_receive(msg)
+        except ProtocolError as exc:
+            self._protocol_failure(exc)
+        return True
+
+    def _secondary_receive(self, msg: Message) -> None:
+        if isinstance(msg, Writes):
+            ordered = self.secondary.on_writes(msg)
+            self.sec_queue.append((ordered, msg.entries[-1].seq))
+        elif isinstance(msg, Flush):
+            self.sec_queue.append(msg)
+        else:
+            raise ProtocolError(f"unexpected {type(msg).__name__}")
+
+    def secondary_apply(self) -> bool:
+        """The secondary's applier processes one queued item, then acks."""
+        if not self.connected or not self.sec_queue:
+            return False
+        item = self.sec_queue.pop(0)
+        sec = self.secondary
+        if isinstance(item, tuple):
+            # The core decides the order; the shell (and we) apply in that order.
+            ordered, last_seq = item
+            for e in ordered:
+                data = e.data if e.kind == WriteKind.WRITE else bytes(e.length)
+                self.sec_disk.write(e.offset, data)
+            sec.applied(last_seq)
+            self.stats.batches_applied += 1
+            if self.replaying_until is not None and sec.applied_seq >= self.replaying_until:
+                self.replaying = False
+                self.replaying_until = None
+        else:
+            sec.on_flush(item)
+        if sec.sync_needed():
+            self.secondary_sync()
+        self.to_primary.append(self.s_enc.encode(sec.ack()))
+        return True
+
+    def secondary_sync(self) -> bool:
+        """The secondary syncs its store and persists its durable point."""
+        sec = self.secondary
+        if sec.durable_seq >= sec.applied_seq:
+            return False
+        seq = sec.applied_seq
+        self.sec_disk.flush()
+        self.sec_meta_durable = seq
+        if not self.replaying:
+            self.durable_torn = False
+        sec.synced(seq)
+        if self.connected:
+            self.to_primary.append(self.s_enc.encode(sec.ack()))
+        return True
+
+    def deliver_to_primary(self) -> bool:
+        if not self.connected or not self.to_primary:
+            return False
+        raw = self.to_primary.pop(0)
+        try:
+            self.p_dec.receive_data(raw)
+            while True:
+                msg = self.p_dec.next_message()
+                if msg is None:
+                    break
+                if not isinstance(msg, Ack):
+                    raise ProtocolError(f"unexpected {type(msg).__name__}")
+                self._completed(self.primary.on_ack(msg))
+        except ProtocolError as exc:
+            self._protocol_failure(exc)
+        return True
+
+    def crash_secondary(self) -> None:
+        """The secondary loses power: unsynced writes partly survive, the
+        process restarts from its persisted durable point."""
+        self.cut()
+        self.stats.crashes += 1
+        self.sec_disk.crash(self.rng)
+        self.durable_torn = True
+        self.secondary = self._new_secondary(self.sec_meta_durable)
+        self.replaying = True
+        self.replaying_until = None
+
+    def allow_degraded(self) -> None:
+        self._completed(self.primary.allow_degraded())
+
+    # ------------------------------------------------------------ invariants
+
+    def check(self) -> None:
+        """Assert every safety property that must hold right now."""
+        core, sec = self.primary, self.secondary
+        # Bounded queues.
+        largest = max((ln for _, _, ln, _ in self.history), default=0) + 24
+        assert core.log_bytes <= max(self.policy.max_lag_bytes, largest), (
+            f"retained log {core.log_bytes} exceeds bound {self.policy.max_lag_bytes}"
+        )
+        assert 0 <= core.peer_durable <= core.peer_applied <= core.last_seq
+        # Property 2: the secondary is a prefix of the primary's history.
+        if not self.replaying:
+            image = self.sec_disk.image()
+            assert image == self.prefix_image(sec.applied_seq), (
+                f"secondary image is not the primary's history after {sec.applied_seq} writes"
+            )
+        # Its durable part is a prefix too (what survives a crash), except for
+        # the torn window after a crash, until the next sync.
+        assert sec.durable_seq == self.sec_meta_durable
+        if not self.durable_torn:
+            assert bytes(self.sec_disk.durable) == self.prefix_image(self.sec_meta_durable), (
+                "durable image is not a prefix"
+            )
+        # Property 1 (sync): acknowledged writes are on the peer.
+        if self.policy.mode == Mode.SYNC:
+            assert self.sec_meta_durable >= self.must_be_durable, (
+                f"write/flush up to {self.must_be_durable} acknowledged as durable but the "
+                f"secondary's durable point is {self.sec_meta_durable}"
+            )
+            if not self.replaying:
+                assert sec.applied_seq >= self.must_be_applied, (
+                    f"write {self.must_be_applied} acknowledged in sync mode but the secondary "
+                    f"applied only {sec.applied_seq}"
+                )
+        # Async: completion never waited for the peer.
+        # Property 3 on the primary side: overlapping writes in sequence order.
+        if not self.pending_local:
+            assert bytes(self.primary_disk) == self.prefix_image(core.last_seq), (
+                "primary image differs from its own write history (overlap order broken)"
+            )
+
+    def quiesce(self, max_steps: int = 10_000) -> None:
+        """Heal the link and run every pending action to completion."""
+        for _ in range(max_steps):
+            progressed = False
+            while self.complete_local(0):
+                progressed = True
+            if not self.connected:
+                progressed |= self.connect()
+            progressed |= self.ship()
+            while self.deliver_to_secondary():
+                progressed = True
+            while self.secondary_apply():
+                progressed = True
+            progressed |= self.secondary_sync()
+            while self.deliver_to_primary():
+                progressed = True
+            self.tick(self.policy.peer_flush_interval_s)
+            self.check()
+            if not progressed:
+                return
+        raise AssertionError("simulation did not quiesce")
+
+    def check_converged(self) -> None:
+        """After :meth:`quiesce`: both copies hold the same image (unless outdated)."""
+        if self.primary.outdated:
+            return
+        assert self.secondary.applied_seq == self.primary.last_seq
+        assert bytes(self.sec_disk.image()) == bytes(self.primary_disk)
+        assert not self.pending_flushes or not self.primary.peer_required()
+
+
+def run_random(
+    policy: ReplicationPolicy, seed: int, steps: int = 400, **faults: bool
+) -> Simulation:
+    """Run a seeded random schedule of writes, flushes and faults; check after
+    every step and at the end. Raises AssertionError on any violation."""
+    sim = Simulation(policy, seed=seed, **faults)
+    rng = random.Random(seed ^ 0x5EED)
+    # Cumulative weights: the link and the appliers run about as often as the
+    # application writes, faults are rare but every run sees several.
+    actions = [
+        (
+            0.14,
+            lambda: sim.app_write(
+                rng.randrange(32), rng.choice([1, 1, 2, 4, 8]), rng.random() < 0.1
+            ),
+        ),
+        (
+            0.16,
+            lambda: sim.app_write(
+                rng.randrange(32),
+                rng.choice([1, 4]),
+                False,
+                rng.choice([WriteKind.TRIM, WriteKind.ZEROES]),
+            ),
+        ),
+        (0.30, lambda: sim.complete_local(rng.randrange(1 << 16))),
+        (0.34, sim.app_flush),
+        (0.46, sim.ship),
+        (0.60, lambda: sim.deliver_to_secondary(rng.choice([0, 0, 0, rng.randrange(1, 4096)]))),
+        (0.74, sim.secondary_apply),
+        (0.87, sim.deliver_to_primary),
+        (0.90, sim.secondary_sync),
+        (0.915, sim.cut),
+        (0.96, sim.connect),
+        (0.967, lambda: sim.corrupt(rng.randrange(8), rng.randrange(1 << 16))),
+        (0.972, sim.crash_secondary),
+        (0.975, sim.allow_degraded),
+        (1.0, lambda: sim.tick(rng.random())),
+    ]
+    for _ in range(steps):
+        r = rng.random()
+        for bound, action in actions:
+            if r < bound:
+                action()
+                break
+        sim.check()
+    sim.quiesce()
+    sim.check_converged()
+    return sim
