@@ -160,17 +160,13 @@ def stop(config_path: str) -> None:
 
 
 def _attach_subcommands() -> None:
-    import importlib
+    from geoclus.ca_cli import ca
+    from geoclus.demo import demo
+    from geoclus.linkemu_cli import linkemu
 
-    for module, name in (
-        ("geoclus.ca_cli", "ca"),
-        ("geoclus.linkemu_cli", "linkemu"),
-        ("geoclus.demo", "demo"),
-    ):
-        try:
-            main.add_command(getattr(importlib.import_module(module), name))
-        except ModuleNotFoundError:  # TEMP during bring-up
-            pass
+    main.add_command(ca)
+    main.add_command(linkemu)
+    main.add_command(demo)
 
 
 _attach_subcommands()

@@ -194,7 +194,7 @@ class _Reader:
 
     def seconds(self, table: dict[str, Any], tname: str, key: str, default: float) -> float:
         value = self.get(table, tname, key, (int, float), default)
-        if value <= 0:
+        if not value > 0:  # also refuses nan, which TOML allows
             raise self.fail(f"{tname}.{key}", f"must be a positive number of seconds, not {value}")
         return float(value)
 
@@ -335,6 +335,8 @@ def parse_config(data: dict[str, Any], path: str = "<memory>") -> DaemonConfig:
             "must be longer than keepalive_interval_s, or every link looks dead",
         )
     node = r.get(node_t, "node", "name", str, None) or socket.gethostname()
+    if len(node.encode()) > 255:
+        raise r.fail("node.name", "must be at most 255 bytes (it is sent in HELLO)")
 
     listen = r.endpoint(r.get(rep, "replication", "listen", str), "replication.listen")
     peer_text = r.get(rep, "replication", "peer", str, None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import ssl
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from geoclus.control import serve_control
 from geoclus.errors import ControlError, GeoclusError
 from geoclus.nbd.server import NbdServer
 from replicator.frames import Role
-from replicator.volume import ReplicatedVolume
+from replicator.volume import TEST_FAULTS, ReplicatedVolume
 
 log = logging.getLogger("geoclus.daemon")
 
@@ -70,6 +71,21 @@ class Daemon:
     """Runs one volume's site: see the module docstring."""
 
     def __init__(self, cfg: DaemonConfig) -> None:
+        faults = os.environ.get("GEOCLUS_TEST_FAULTS", "")
+        if faults:
+            wanted = frozenset(f.strip() for f in faults.split(",") if f.strip())
+            unknown = wanted - TEST_FAULTS
+            if unknown:
+                raise GeoclusError(
+                    f"GEOCLUS_TEST_FAULTS: unknown fault(s) {sorted(unknown)}; "
+                    f"known: {sorted(TEST_FAULTS)}"
+                )
+            log.warning(
+                "TEST FAULTS ENABLED (%s): this daemon breaks its own safety rules "
+                "on purpose; never use it for real data",
+                ", ".join(sorted(wanted)),
+            )
+            cfg = dataclasses.replace(cfg, spec=dataclasses.replace(cfg.spec, faults=wanted))
         self.cfg = cfg
         self.volume: ReplicatedVolume | None = None
         self._shutdown = trio.Event()

@@ -189,7 +189,9 @@ ENTRY_HEADER_BYTES = _ENTRY.size
 
 
 def _encode_str(text: str, limit: int) -> bytes:
-    raw = text.encode("utf-8")[:limit]
+    # Cut at a character boundary: a split UTF-8 sequence would make the peer's
+    # decoder refuse the whole frame.
+    raw = text.encode("utf-8")[:limit].decode("utf-8", "ignore").encode("utf-8")
     return _STRLEN.pack(len(raw)) + raw
 
 

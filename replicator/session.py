@@ -539,6 +539,8 @@ class SecondaryCore:
         """
         if not self.welcomed:
             raise ProtocolError("WRITES before WELCOME")
+        if not batch.entries:
+            raise ProtocolError("empty WRITES batch")
         first = batch.entries[0].seq
         if first != self.received_seq + 1:
             what = "replayed" if first <= self.received_seq else "out-of-order (gap)"

@@ -7,6 +7,7 @@ Binary suffixes (KiB, MiB, GiB, TiB) are powers of 1024; decimal suffixes
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 _SUFFIX = {
     "": 1,
@@ -44,8 +45,10 @@ def parse_size(text: str | int) -> int:
     number, unit = m.group(1), m.group(2).lower()
     if unit not in _SUFFIX:
         raise ValueError(f"{text!r} has an unknown unit {m.group(2)!r} (use KiB, MiB, GiB, TiB)")
-    value = float(number) * _SUFFIX[unit]
-    if value != int(value):
+    # Exact arithmetic: a float loses whole bytes above 2**53 and rounds
+    # fractions such as "1.0000000000000001KiB" to a whole number.
+    value = Fraction(number) * _SUFFIX[unit]
+    if value.denominator != 1:
         raise ValueError(f"{text!r} is not a whole number of bytes")
     return int(value)
 

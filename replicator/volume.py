@@ -20,7 +20,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -104,6 +104,12 @@ class VolumeSpec:
     policy: ReplicationPolicy
     node: str
     timers: LinkTimers = field(default_factory=LinkTimers)
+    # Test-only faults (see TEST_FAULTS); empty in production.
+    faults: frozenset[str] = frozenset()
+
+
+# Faults a test may switch on to show that a check catches a broken rule.
+TEST_FAULTS = frozenset({"secondary-out-of-order", "primary-ignore-overlaps"})
 
 
 Connector = Callable[[], Awaitable[trio.abc.Stream]]
@@ -177,7 +183,9 @@ class ReplicatedVolume:
         self._closing = False
         self._closed = False
         self._changed = trio.Event()
-        self._overlap = OverlapTracker()
+        self._overlap = OverlapTracker(
+            fault_ignore_overlaps="primary-ignore-overlaps" in spec.faults
+        )
         self._local_done_events: dict[int, trio.Event] = {}
         self._completion_events: dict[int, trio.Event] = {}
         self.write_latency = LatencyRecorder()
@@ -199,7 +207,12 @@ class ReplicatedVolume:
                 spec.policy, spec.size_bytes, last_seq=state.seq, peer_outdated=state.outdated
             )
         else:
-            self.secondary = SecondaryCore(spec.size_bytes, spec.block_size, durable_seq=state.seq)
+            self.secondary = SecondaryCore(
+                spec.size_bytes,
+                spec.block_size,
+                durable_seq=state.seq,
+                fault_apply_out_of_order="secondary-out-of-order" in spec.faults,
+            )
 
     # ------------------------------------------------------------------ open
 
@@ -513,6 +526,10 @@ class ReplicatedVolume:
             )
 
     async def _primary_session(self, ch: FrameChannel) -> None:
+        with _unwrap_link_errors():
+            await self._primary_session_tasks(ch)
+
+    async def _primary_session_tasks(self, ch: FrameChannel) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._primary_sender, ch)
             nursery.start_soon(self._keepalive, ch)
@@ -551,12 +568,26 @@ class ReplicatedVolume:
                 raise ProtocolError(f"unexpected {type(msg).__name__} from the secondary")
 
     async def _keepalive(self, ch: FrameChannel) -> None:
-        timers = self.spec.timers
+        """PING every ``keepalive_interval_s``; fail the session when nothing has
+        arrived for ``peer_timeout_s``. The silence check runs in its own task:
+        a PING can block behind a data frame stuck in a clogged link, and that
+        must not stop the peer from being declared lost."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pinger, ch)
+            await self._watchdog(ch)
+            nursery.cancel_scope.cancel()
+
+    async def _pinger(self, ch: FrameChannel) -> None:
         nonce = 0
         while True:
             nonce += 1
             await ch.send(Ping(nonce, time.monotonic_ns()))
-            await trio.sleep(timers.keepalive_interval_s)
+            await trio.sleep(self.spec.timers.keepalive_interval_s)
+
+    async def _watchdog(self, ch: FrameChannel) -> None:
+        timers = self.spec.timers
+        while True:
+            await trio.sleep(min(timers.keepalive_interval_s, timers.peer_timeout_s / 4))
             silent_s = trio.current_time() - ch.last_receive_s
             if silent_s > timers.peer_timeout_s:
                 raise ProtocolError(f"peer silent for {silent_s:.1f} s (timeout)")
@@ -632,6 +663,10 @@ class ReplicatedVolume:
             self._replay_until = answer.primary_seq
 
     async def _secondary_session(self, ch: FrameChannel) -> None:
+        with _unwrap_link_errors():
+            await self._secondary_session_tasks(ch)
+
+    async def _secondary_session_tasks(self, ch: FrameChannel) -> None:
         send_q, recv_q = trio.open_memory_channel[_ApplyItem](_APPLY_QUEUE_BATCHES)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._secondary_applier, ch, recv_q)
@@ -673,7 +708,10 @@ class ReplicatedVolume:
         while True:
             item: _ApplyItem | None = None
             with trio.move_on_after(interval):
-                item = await queue.receive()
+                try:
+                    item = await queue.receive()
+                except trio.EndOfChannel:
+                    return
             if isinstance(item, tuple):
                 ordered, last_seq = item
                 # Shielded: applied_seq must match what is in the store.
@@ -846,6 +884,35 @@ class ReplicatedVolume:
             self.store.close()
             self.meta.close()
             self._closed = True
+
+
+# Failures of the link (as opposed to bugs): the session ends, the link retries.
+_LINK_ERRORS = (
+    ProtocolError,
+    OSError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+)
+
+
+@contextlib.contextmanager
+def _unwrap_link_errors() -> Iterator[None]:
+    """Turn a nursery's group of link failures into its first link failure.
+
+    Cancellation and any other exception (a bug) propagate untouched.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        cancelled, _ = group.split(trio.Cancelled)
+        link, other = group.split(_LINK_ERRORS)
+        if cancelled is not None or other is not None or link is None:
+            raise
+        first: BaseException = link
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
 
 
 def _new_generation() -> int:

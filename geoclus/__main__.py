@@ -1,0 +1,5 @@
+"""``python -m geoclus`` runs the CLI."""
+
+from geoclus.cli import main
+
+main()

@@ -1,0 +1,85 @@
+"""NBD export of geoclus block devices.
+
+The sans-I/O protocol core lives in :mod:`geoclus.nbd.codec` (constants in
+:mod:`geoclus.nbd.proto`); :mod:`geoclus.nbd.server` is the trio shell. To serve
+devices::
+
+    await serve_nbd({"vol0": device}, unix_path="/run/geoclus/nbd.sock",
+                    default_export="vol0", task_status=task_status)
+"""
+
+from geoclus.nbd.codec import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    MAX_OPTION_BYTES,
+    MAX_OPTIONS_PER_HANDSHAKE,
+    NEED_DATA,
+    ClientClosed,
+    DeviceRequest,
+    DisconnectRequest,
+    Event,
+    ExportInfo,
+    ExportSelected,
+    FlushRequest,
+    HandshakeAborted,
+    NbdServerCodec,
+    NeedData,
+    OptionHandled,
+    Phase,
+    ReadRequest,
+    RejectedRequest,
+    RequestEvent,
+    TrimRequest,
+    WriteRequest,
+    WriteZeroesRequest,
+    encode_option_reply,
+    encode_simple_reply,
+)
+from geoclus.nbd.server import (
+    DEFAULT_HANDSHAKE_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_IN_FLIGHT_BYTES,
+    DEFAULT_MAX_IN_FLIGHT_REQUESTS,
+    NbdAddresses,
+    NbdServer,
+    NbdStatistics,
+    export_info_for,
+    nbd_error_for,
+    serve_nbd,
+)
+
+__all__ = [
+    "DEFAULT_HANDSHAKE_TIMEOUT_S",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_IN_FLIGHT_BYTES",
+    "DEFAULT_MAX_IN_FLIGHT_REQUESTS",
+    "DEFAULT_MAX_PAYLOAD_BYTES",
+    "MAX_OPTIONS_PER_HANDSHAKE",
+    "MAX_OPTION_BYTES",
+    "NEED_DATA",
+    "ClientClosed",
+    "DeviceRequest",
+    "DisconnectRequest",
+    "Event",
+    "ExportInfo",
+    "ExportSelected",
+    "FlushRequest",
+    "HandshakeAborted",
+    "NbdAddresses",
+    "NbdServer",
+    "NbdServerCodec",
+    "NbdStatistics",
+    "NeedData",
+    "OptionHandled",
+    "Phase",
+    "ReadRequest",
+    "RejectedRequest",
+    "RequestEvent",
+    "TrimRequest",
+    "WriteRequest",
+    "WriteZeroesRequest",
+    "encode_option_reply",
+    "encode_simple_reply",
+    "export_info_for",
+    "nbd_error_for",
+    "serve_nbd",
+]

@@ -1,0 +1,1 @@
+"""Harnesses shared by the tests, the demo and the benchmarks."""
