@@ -117,6 +117,7 @@ _ALLOWED = {
         "drain_timeout_s",
         "max_batch_bytes",
         "peer_flush_interval_s",
+        "async_coalesce_s",
     },
     "export": {"nbd", "name"},
     "control": {"socket"},
@@ -244,6 +245,13 @@ def parse_endpoint(text: str, fail: Any = None) -> Endpoint:
     return Endpoint(host, port)
 
 
+def _coalesce(r: _Reader, rep: dict[str, Any]) -> float:
+    value = r.get(rep, "replication", "async_coalesce_s", (int, float), 0.002)
+    if not 0 <= value <= 0.1:
+        raise r.fail("replication.async_coalesce_s", f"{value} must be between 0 and 0.1 seconds")
+    return float(value)
+
+
 def load_config(path: str) -> DaemonConfig:
     """Read and validate ``path``; raise ConfigError naming the key on any problem."""
     try:
@@ -328,6 +336,7 @@ def parse_config(data: dict[str, Any], path: str = "<memory>") -> DaemonConfig:
         connect_timeout_s=r.seconds(rep, "replication", "connect_timeout_s", 5.0),
         secondary_sync_interval_s=r.seconds(rep, "replication", "secondary_sync_interval_s", 1.0),
         drain_timeout_s=r.seconds(rep, "replication", "drain_timeout_s", 10.0),
+        async_coalesce_s=_coalesce(r, rep),
     )
     if timers.peer_timeout_s <= timers.keepalive_interval_s:
         raise r.fail(

@@ -12,12 +12,16 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import trio
 
 from geoclus.errors import IOAlignmentError, StoreError
+from replicator.worker import BlockingWorkers
+
+T = TypeVar("T")
 
 # Keep in step with the kernel's UAPI; Python exposes no constants for these.
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -122,6 +126,7 @@ class FileStore:
             raise
         self.info = StoreInfo(path, size_bytes, block_size, is_bdev, created)
         self._closed = False
+        self._nowait_ok = hasattr(os, "RWF_NOWAIT")
 
     def _device_size(self) -> int:
         import fcntl
@@ -160,6 +165,27 @@ class FileStore:
             return b"".join(parts)
         except OSError as exc:
             raise StoreError(f"read failed at {offset} in {self.info.path}: {exc}") from exc
+
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        """Read from the page cache without ever blocking (``RWF_NOWAIT``).
+
+        Returns None if the data is not all cached (or the kernel cannot tell);
+        the caller then reads from a worker thread. Safe on the event loop.
+        """
+        if not self._nowait_ok:
+            return None
+        self.check(offset, length)
+        buf = bytearray(length)
+        try:
+            n = os.preadv(self._fd, [buf], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._nowait_ok = False
+                return None
+            raise StoreError(f"read failed at {offset} in {self.info.path}: {exc}") from exc
+        return bytes(buf) if n == length else None
 
     def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         """Write ``data`` at ``offset``; with ``fua`` durable before returning."""
@@ -246,7 +272,10 @@ _libc = None
 class AsyncStore:
     """Trio shell over a :class:`FileStore`.
 
-    Every system call runs in a worker thread. :meth:`flush` is a group commit:
+    Every blocking system call runs in a worker thread (a dedicated
+    :class:`~replicator.worker.BlockingWorkers` pool, created on first use);
+    only ``RWF_NOWAIT`` reads, which cannot block, run on the event loop.
+    :meth:`flush` is a group commit:
     a flush waits for the next ``fdatasync`` that *starts* after it was
     requested, and one ``fdatasync`` serves every flush waiting at that moment.
 
@@ -255,7 +284,7 @@ class AsyncStore:
     flush and write after that raises :class:`StoreError`.
     """
 
-    def __init__(self, store: FileStore) -> None:
+    def __init__(self, store: FileStore, io_threads: int = 4) -> None:
         self.store = store
         self._sync_started = 0  # number of fdatasyncs started
         self._sync_done = 0  # number of fdatasyncs completed successfully
@@ -263,6 +292,13 @@ class AsyncStore:
         self._sync_finished = trio.Event()
         self._failed: StoreError | None = None
         self.flush_requests = 0
+        self._workers: BlockingWorkers | None = None
+        self.io_threads = io_threads
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        if self._workers is None:
+            self._workers = BlockingWorkers(self.io_threads, name="store")
+        return self._workers.run(fn, *args)
 
     @property
     def size_bytes(self) -> int:
@@ -280,22 +316,25 @@ class AsyncStore:
             )
 
     async def read(self, offset: int, length: int) -> bytes:
-        self.store.check(offset, length)
-        return await trio.to_thread.run_sync(self.store.read, offset, length)
+        cached = self.store.read_nowait(offset, length)
+        if cached is not None:
+            await trio.lowlevel.checkpoint()
+            return cached
+        return await self._run(self.store.read, offset, length)
 
     async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         self._check_healthy()
         self.store.check(offset, len(data))
-        await trio.to_thread.run_sync(self.store.write, offset, data, fua)
+        await self._run(self.store.write, offset, data, fua)
 
     async def write_many(self, writes: Sequence[tuple[int, bytes | memoryview]]) -> None:
         self._check_healthy()
-        await trio.to_thread.run_sync(self.store.write_many, writes)
+        await self._run(self.store.write_many, writes)
 
     async def write_zeroes(self, offset: int, length: int, punch: bool = False) -> None:
         self._check_healthy()
         self.store.check(offset, length)
-        await trio.to_thread.run_sync(self.store.write_zeroes, offset, length, punch)
+        await self._run(self.store.write_zeroes, offset, length, punch)
 
     async def flush(self) -> None:
         """Return once every write completed before this call is durable.
@@ -315,7 +354,7 @@ class AsyncStore:
             self._sync_started += 1
             number = self._sync_started
             try:
-                await trio.to_thread.run_sync(self.store.fdatasync)
+                await self._run(self.store.fdatasync)
             except StoreError as exc:
                 self._failed = exc
                 raise
@@ -332,4 +371,6 @@ class AsyncStore:
         return {"fdatasyncs": self._sync_done, "flush_requests": self.flush_requests}
 
     def close(self) -> None:
+        if self._workers is not None:
+            self._workers.close()
         self.store.close()

@@ -55,6 +55,11 @@ class SiteOptions:
     peer_timeout_s: float = 1.0
     drain_timeout_s: float = 10.0
     secondary_fault_out_of_order: bool = False
+    # False: the primary connects straight to the secondary (no emulator).
+    use_link_emulator: bool = True
+    # False: start only the primary (no link emulator, no secondary); its peer
+    # address is a port nobody listens on, so it runs without a peer.
+    with_secondary: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -176,10 +181,15 @@ class SitePair:
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Start the link emulator (in ``nursery``) and both daemons; wait until
-        the primary reports a connected peer."""
+        the primary reports a connected peer (only the primary, not waiting,
+        without ``with_secondary``)."""
         os.makedirs(self.workdir, exist_ok=True)
         b_port = free_port()
         o = self.options
+        if not o.with_secondary:
+            self._write_configs(b_port, free_port())
+            await self._start_site(self.a)
+            return
         self.link = LinkEmulator(
             LinkEmulatorConfig(
                 target_host="127.0.0.1",
@@ -189,7 +199,7 @@ class SitePair:
             )
         )
         link_port = await nursery.start(self.link.serve)
-        self._write_configs(b_port, link_port)
+        self._write_configs(b_port, link_port if o.use_link_emulator else b_port)
         await self._start_site(self.b)
         await self._start_site(self.a)
         await self.wait_connected()
