@@ -92,7 +92,10 @@ class MetaFile:
         self.current: VolumeMeta | None = None
 
     def open(self) -> VolumeMeta | None:
-        """Open (creating if missing) and return the newest valid state, or None."""
+        """Open (creating if missing) and return the newest valid state, or None
+        for a fresh file (empty, or whose first write was torn)."""
+        if self._fd is not None:
+            raise StoreError(f"metadata file {self.path} is already open")
         try:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             raw = os.pread(self._fd, 2 * SLOT_BYTES, 0)
@@ -101,6 +104,11 @@ class MetaFile:
         slots = [VolumeMeta.decode(raw[i * SLOT_BYTES : (i + 1) * SLOT_BYTES]) for i in (0, 1)]
         valid = [s for s in slots if s is not None]
         self.current = max(valid, key=lambda m: m.counter) if valid else None
+        # The first write goes to slot 1 and slot 0 is written only after it;
+        # so both slots invalid with slot 0 never written means the very first
+        # write was torn: nothing was ever stored, the copy is fresh.
+        if raw and not valid and not any(raw[:SLOT_BYTES]):
+            return None
         if raw and not valid:
             raise StoreError(
                 f"metadata file {self.path} has no valid slot (both checksums fail); "

@@ -210,7 +210,7 @@ def test_both_slots_bad_is_an_error(tmp_path) -> None:
         reopen(path)
 
 
-@pytest.mark.parametrize("content", [b"x", b"not a metadata file\n" * 500, bytes(2 * SLOT)])
+@pytest.mark.parametrize("content", [b"x", b"not a metadata file\n" * 500])
 def test_foreign_content_is_an_error(tmp_path, content) -> None:
     path = tmp_path / "v.meta"
     path.write_bytes(content)
@@ -228,3 +228,23 @@ def test_wrong_magic_or_version_with_a_good_checksum_is_invalid() -> None:
         forged = bytes(body) + struct.pack(">Q", xxhash.xxh3_64_intdigest(bytes(body)))
         assert VolumeMeta.decode(forged) is None
     assert VolumeMeta.decode(good[:-1]) is None
+
+
+@pytest.mark.parametrize("cut", [0, 1, 7, 40, 100, SLOT - 1])
+def test_torn_first_write_is_fresh(tmp_path, cut) -> None:
+    """A crash in the very first write (slot 1, slot 0 never written) leaves a
+    copy that never stored anything: it opens as fresh, not as damaged."""
+    path = tmp_path / "v.meta"
+    m = MetaFile(str(path))
+    assert m.open() is None
+    m.write(state(7))
+    m.close()
+    full = raw(path)
+    assert not any(full[:SLOT])  # slot 0 untouched by the first write
+    torn = bytearray(SLOT) + bytearray(full[SLOT : SLOT + cut])
+    path.write_bytes(bytes(torn))
+    body_bytes = len(state(7).encode())
+    if cut < body_bytes:
+        assert reopen(path) is None  # the previous state: nothing
+    else:
+        assert same_state(reopen(path), state(7), 1)  # the next state, complete
