@@ -35,6 +35,7 @@ debs: $(DEBSTAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check geoclus replicator quorum bench tests
 	$(VENV)/bin/ruff format --check geoclus replicator quorum bench tests
+	$(VENV)/bin/mypy geoclus replicator quorum
 
 test: $(STAMP) $(DEBSTAMP) lint
 	$(VPY) -m pytest -q

@@ -485,6 +485,7 @@ def machine_info() -> list[tuple[str, str]]:
         ("fio", _cmd_version(["fio", "--version"])),
         ("nbdkit", _cmd_version(["nbdkit", "--version"])),
         ("geoclus commit", commit),
+        ("load average at start", " ".join(f"{x:.2f}" for x in os.getloadavg())),
     ]
 
 
@@ -593,7 +594,8 @@ def _method_lines(s: Settings) -> list[str]:
         "0.5 s, recent samples) after the qd1 job and at the end (pings queue behind data "
         "under load). daemon write p50 qd1: the primary's own write_latency_p50_ms after the "
         "qd1 job (inside the daemon, without fio and the NBD socket).",
-        "Everything (fio, daemons, emulator, nbdkit) shares this machine's cores.",
+        "Everything (fio, daemons, emulator, nbdkit) shares this machine's cores; other "
+        "work on the machine (see the load average) adds noise.",
     ]
 
 
@@ -657,7 +659,7 @@ def text_report(results: list[ConfigResult], s: Settings, machine: list[tuple[st
             f"{q.name:<44} {_f(q.value, '.2f'):>7} {q.target or '-':>8}  {q.mark:<4}  {q.detail}"
         )
     lines += ["", "method:"] + [f"  - {m}" for m in _method_lines(s)]
-    lines += ["", "machine:"] + [f"  {k:<15} {v}" for k, v in machine]
+    lines += ["", "machine:"] + [f"  {k:<22} {v}" for k, v in machine]
     return "\n".join(lines)
 
 

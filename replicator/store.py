@@ -266,7 +266,7 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
     raise StoreError(f"fallocate failed at {offset}: {os.strerror(err)}")
 
 
-_libc = None
+_libc: Any = None
 
 
 class AsyncStore:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -47,7 +48,7 @@ class NbdClient:
         self._stream = stream
         self._buf = bytearray()
         self._next_cookie = 1
-        self._waiters: dict[int, tuple[trio.Event, list[object]]] = {}
+        self._waiters: dict[int, tuple[trio.Event, list[Any]]] = {}
         self._reads: dict[int, int] = {}
         self._send_lock = trio.Lock()
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
@@ -141,7 +142,7 @@ class NbdClient:
             cookie = self._next_cookie
             self._next_cookie += 1
             ev: trio.Event = trio.Event()
-            out: list[object] = []
+            out: list[Any] = []
             self._waiters[cookie] = (ev, out)
             if cmd == p.NBD_CMD_READ:
                 self._reads[cookie] = length
@@ -156,8 +157,8 @@ class NbdClient:
                 f"{p.COMMAND_NAMES.get(cmd, cmd)} at {offset}+{length} failed: "
                 f"{errno.errorcode.get(int(error), error)}",
                 int(error),
-            )  # type: ignore[call-overload]
-        return data  # type: ignore[return-value]
+            )
+        return data
 
     async def read(self, offset: int, length: int) -> bytes:
         return await self._request(p.NBD_CMD_READ, offset, length)
