@@ -704,6 +704,14 @@ def markdown_report(
 # ----------------------------------------------------------------------- CLI
 
 
+def _is_interrupt(exc: BaseException) -> bool:
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(KeyboardInterrupt)[0] is not None
+    return False
+
+
 @click.command()
 @click.option(
     "--runtime-s",
@@ -768,16 +776,22 @@ def main(
         f"{s.ramp_s:g} s ramp + {s.runtime_s:g} s each, volume {format_size(s.size_bytes)}"
     )
     results: list[ConfigResult] = []
+    interrupted = False
     try:
         results = trio.run(run_all, configs, root, s)
-    except KeyboardInterrupt:
-        say("\ninterrupted; processes stopped and files removed")
-        sys.exit(130)
+    except BaseException as exc:
+        # trio delivers Ctrl-C as KeyboardInterrupt, possibly inside a group.
+        if not _is_interrupt(exc):
+            raise
+        interrupted = True
     finally:
         if keep or any(r.error for r in results):
             say(f"work directory kept: {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
+    if interrupted:
+        say("\ninterrupted: processes stopped" + ("" if keep else ", files removed"))
+        sys.exit(130)
     say(text_report(results, s, machine))
     if markdown_path:
         with open(markdown_path, "w") as f:

@@ -130,7 +130,12 @@ class Daemon:
                 await trio.aclose_forcefully(stream)
                 return
             conn = tls
-        await vol.handle_connection(conn, label)
+        try:
+            await vol.handle_connection(conn, label)
+        except Exception:
+            # A bug in one session must not take down the export and the
+            # daemon; it is logged with its traceback and the peer reconnects.
+            log.exception("replication session with %s failed unexpectedly", label)
 
     async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
         vol = self.volume

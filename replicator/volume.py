@@ -627,6 +627,14 @@ class ReplicatedVolume:
                 await self._secondary_session(ch)
         except HandshakeRefused as exc:
             self._link_error(f"handshake refused: {exc.reason}")
+        except StoreError as exc:
+            log.error(
+                "volume %s: the store failed while applying replicated writes: %s; "
+                "this copy stops receiving (stop the daemon and check the disk)",
+                self.spec.name,
+                exc,
+            )
+            self.last_error = f"store failed: {exc}"
         except (
             ProtocolError,
             OSError,
@@ -896,13 +904,15 @@ class ReplicatedVolume:
             self._closed = True
 
 
-# Failures of the link (as opposed to bugs): the session ends, the link retries.
+# Failures that end a session (as opposed to bugs): the link, or the store
+# under the secondary's applier. The session ends and the link retries.
 _LINK_ERRORS = (
     ProtocolError,
     OSError,
     trio.BrokenResourceError,
     trio.ClosedResourceError,
     trio.TooSlowError,
+    StoreError,
 )
 
 
@@ -919,7 +929,8 @@ def _unwrap_link_errors() -> Iterator[None]:
         link, other = group.split(_LINK_ERRORS)
         if cancelled is not None or other is not None or link is None:
             raise
-        first: BaseException = link
+        store, _ = link.split(StoreError)
+        first: BaseException = store if store is not None else link
         while isinstance(first, BaseExceptionGroup):
             first = first.exceptions[0]
         raise first from None
