@@ -626,8 +626,10 @@ def _link_rows(results: list[ConfigResult]) -> list[tuple[str, str, str, str, st
     return rows
 
 
-def text_report(results: list[ConfigResult], s: Settings, machine: list[tuple[str, str]]) -> str:
-    lines = ["", "geoclus replication benchmark", ""]
+def text_report(
+    results: list[ConfigResult], s: Settings, machine: list[tuple[str, str]], when: str
+) -> str:
+    lines = ["", f"geoclus replication benchmark ({when})", ""]
     lines.append(f"{'config':<10} {'job':<18} {'IOPS':>9} {'MB/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
     lines.append("-" * 66)
     for r in results:
@@ -664,13 +666,16 @@ def text_report(results: list[ConfigResult], s: Settings, machine: list[tuple[st
 
 
 def markdown_report(
-    results: list[ConfigResult], s: Settings, machine: list[tuple[str, str]], argv: list[str]
+    results: list[ConfigResult],
+    s: Settings,
+    machine: list[tuple[str, str]],
+    when: str,
+    argv: list[str],
 ) -> str:
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     md = [
         "## Replication benchmark",
         "",
-        f"Run {now} with `{shlex.join(['python', '-m', 'bench.replication', *argv])}`.",
+        f"Run {when} with `{shlex.join(['python', '-m', 'bench.replication', *argv])}`.",
         "",
         "| config | job | IOPS | MB/s | p50 ms | p99 ms |",
         "|---|---|---:|---:|---:|---:|",
@@ -770,6 +775,7 @@ def main(
     )
     configs = [c for c in CONFIGS if not only or c.key in only]
     machine = machine_info()
+    started = datetime.datetime.now(datetime.UTC)
     root = tempfile.mkdtemp(prefix="geoclus-bench-")
     say(
         f"geoclus replication benchmark: {len(configs)} configurations x {len(JOBS)} jobs, "
@@ -792,10 +798,12 @@ def main(
     if interrupted:
         say("\ninterrupted: processes stopped" + ("" if keep else ", files removed"))
         sys.exit(130)
-    say(text_report(results, s, machine))
+    elapsed = (datetime.datetime.now(datetime.UTC) - started).total_seconds()
+    when = f"started {started:%Y-%m-%d %H:%M} UTC, took {elapsed / 60:.1f} min"
+    say(text_report(results, s, machine, when))
     if markdown_path:
         with open(markdown_path, "w") as f:
-            f.write(markdown_report(results, s, machine, sys.argv[1:]))
+            f.write(markdown_report(results, s, machine, when, sys.argv[1:]))
         say(f"\nMarkdown written to {markdown_path}")
     if any(r.error or any(j.error for j in r.jobs.values()) for r in results):
         sys.exit(1)

@@ -142,8 +142,42 @@ class PrimaryStats:
     refusals: list[str] = field(default_factory=list)
 
 
+@dataclass
+class PeerState:
+    """What the primary knows about one secondary (one connection at a time).
+
+    ``applied``/``durable``: the peer's cumulative acknowledgements.
+    ``sent``: highest sequence number shipped on the current connection.
+    ``cum_applied``/``cum_sent``: wire bytes up to those points (lag and
+    in-flight accounting). ``outdated``: the peer is missing writes that are no
+    longer in the retained log; they are recorded in ``bitmap`` and nothing
+    more is shipped to it until a resync.
+    """
+
+    name: str
+    bitmap: DirtyBitmap
+    connected: bool = False
+    applied: int = 0
+    durable: int = 0
+    sent: int = 0
+    cum_applied: int = 0
+    cum_sent: int = 0
+    outdated: bool = False
+    flush_wanted: int = 0
+    flush_sent: int = 0
+    next_flush_id: int = 1
+    last_flush_sent_s: float = 0.0
+
+
 class PrimaryCore:
-    """Replication state of the primary copy of one volume, for one peer."""
+    """Replication state of the primary copy of one volume.
+
+    The write sequence and the retained log are shared; each secondary has its
+    own :class:`PeerState` (``peers``), so more secondaries are more peers and
+    more connections, not a different core. Methods that concern one peer take
+    ``peer`` (its name); ``None`` means the only peer, which is all this
+    version configures.
+    """
 
     def __init__(
         self,
@@ -152,72 +186,118 @@ class PrimaryCore:
         *,
         last_seq: int = 0,
         peer_outdated: bool = False,
+        peers: tuple[str, ...] = ("peer",),
     ) -> None:
+        if not peers or len(set(peers)) != len(peers):
+            raise ValueError("peers must be a non-empty tuple of distinct names")
         self.policy = policy
         self.size_bytes = size_bytes
         self.last_seq = last_seq
-        # Retained log: seq -> entry for log_first <= seq <= last_seq (contiguous)
-        # unless outdated (then empty).
+        # Retained log: seq -> entry for log_first <= seq <= last_seq
+        # (contiguous); empty while every peer is outdated.
         self._log: dict[int, LogEntry] = {}
         self._log_first = last_seq + 1
         self.log_bytes = 0
         self._cum_total = 0
         self._cum_before_first = 0
         self._pending: dict[int, LogEntry] = {}
-        # Peer state, as far as we know.
-        self.connected = False
-        self.peer_applied = last_seq
-        self.peer_durable = last_seq
-        self._sent_seq = last_seq
-        self._cum_applied = 0
-        self._cum_sent = 0
-        self.outdated = peer_outdated
+        self.peers: dict[str, PeerState] = {
+            name: PeerState(
+                name,
+                DirtyBitmap(size_bytes, policy.region_bytes),
+                applied=last_seq,
+                durable=last_seq,
+                sent=last_seq,
+                outdated=peer_outdated,
+            )
+            for name in peers
+        }
         self.degraded_allowed = False
-        self.bitmap = DirtyBitmap(size_bytes, policy.region_bytes)
-        # Flushes the peer must perform: highest upto requested / sent on this connection.
-        self._flush_wanted = 0
-        self._flush_sent = 0
-        self._next_flush_id = 1
-        self._last_flush_sent_s = 0.0
         self.stats = PrimaryStats()
+
+    # ------------------------------------------------------------ peer access
+
+    def _peer(self, name: str | None) -> PeerState:
+        if name is None:
+            if len(self.peers) != 1:
+                raise ValueError("several peers: name the one meant")
+            return next(iter(self.peers.values()))
+        return self.peers[name]
+
+    @property
+    def peer(self) -> PeerState:
+        """The only peer (this version replicates to one secondary)."""
+        return self._peer(None)
+
+    # Single-peer views, for status and for callers that know there is one.
+    @property
+    def connected(self) -> bool:
+        return self.peer.connected
+
+    @property
+    def peer_applied(self) -> int:
+        return self.peer.applied
+
+    @property
+    def peer_durable(self) -> int:
+        return self.peer.durable
+
+    @property
+    def outdated(self) -> bool:
+        return self.peer.outdated
+
+    @property
+    def bitmap(self) -> DirtyBitmap:
+        return self.peer.bitmap
 
     # ----------------------------------------------------------------- queries
 
-    def peer_required(self) -> bool:
-        """True if completing a write needs the peer (sync mode, not degraded)."""
+    def _required(self, p: PeerState) -> bool:
         if self.policy.mode == Mode.ASYNC or self.degraded_allowed:
             return False
         if self.policy.on_peer_loss == "continue":
-            return self.connected and not self.outdated
+            return p.connected and not p.outdated
         return True
+
+    def peer_required(self) -> bool:
+        """True if completing a write needs a peer (sync mode, not degraded)."""
+        return any(self._required(p) for p in self.peers.values())
 
     @property
     def suspended(self) -> bool:
         """Sync writes are blocked waiting for a peer that is not replicating."""
-        return self.peer_required() and (not self.connected or self.outdated)
+        return any(
+            self._required(p) and (not p.connected or p.outdated) for p in self.peers.values()
+        )
 
     def _complete(self, e: LogEntry) -> bool:
         if not e.local_done:
             return False
-        if not self.peer_required():
-            return True
-        if self.outdated or self.peer_applied < e.seq:
-            return False
-        return not (e.fua and self.peer_durable < e.seq)
+        for p in self.peers.values():
+            if not self._required(p):
+                continue
+            if p.outdated or p.applied < e.seq:
+                return False
+            if e.fua and p.durable < e.seq:
+                return False
+        return True
 
     def is_complete(self, seq: int) -> bool:
         """True once write ``seq`` may be acknowledged to the application."""
         e = self._pending.get(seq)
         return e is None or e.completed
 
+    def _all_outdated(self) -> bool:
+        return all(p.outdated for p in self.peers.values())
+
     def admission(self, length: int, kind: WriteKind = WriteKind.WRITE) -> Admission:
         """May a write of ``length`` bytes be sequenced now?
 
         ``admit``: yes. ``wait``: not until the log drains (block policy, or sync
-        mode). ``overflow``: yes, but only by switching to dirty-region tracking
-        (call :meth:`go_outdated` first).
+        mode). ``overflow``: yes, but only by switching the lagging peers to
+        dirty-region tracking (call :meth:`go_outdated` first).
         """
-        if self.outdated:
+        if self._all_outdated():
             return "admit"
         wire = ENTRY_HEADER_BYTES + (length if kind == WriteKind.WRITE else 0)
         if self.log_bytes == 0 or self.log_bytes + wire <= self.policy.max_lag_bytes:
@@ -231,29 +311,40 @@ class PrimaryCore:
             return self._cum_before_first
         return self._log[seq].cum_bytes
 
+    def _lag_writes(self, p: PeerState) -> int:
+        return self.last_seq - p.applied
+
+    def _lag_bytes(self, p: PeerState) -> int:
+        if p.outdated:
+            return p.bitmap.dirty_bytes
+        return self._cum_total - p.cum_applied
+
     @property
     def lag_writes(self) -> int:
-        return self.last_seq - self.peer_applied
+        """Writes the furthest-behind peer has not applied."""
+        return max(self._lag_writes(p) for p in self.peers.values())
 
     @property
     def lag_bytes(self) -> int:
-        """Bytes of sequenced writes the peer has not applied (outdated: dirty bytes)."""
-        if self.outdated:
-            return self.bitmap.dirty_bytes
-        return self._cum_total - self._cum_applied
+        """Bytes of sequenced writes the furthest-behind peer has not applied
+        (an outdated peer: its dirty bytes)."""
+        return max(self._lag_bytes(p) for p in self.peers.values())
 
     def lag_seconds(self, now_s: float) -> float:
-        """Age of the oldest write the peer has not applied."""
-        e = self._log.get(self.peer_applied + 1)
-        if e is None:
-            if self.outdated and self.lag_writes:
-                return float("inf")
-            return 0.0
-        return max(0.0, now_s - e.submit_s)
+        """Age of the oldest write some peer has not applied."""
+        worst = 0.0
+        for p in self.peers.values():
+            e = self._log.get(p.applied + 1)
+            if e is None:
+                if p.outdated and self._lag_writes(p):
+                    return float("inf")
+                continue
+            worst = max(worst, now_s - e.submit_s)
+        return worst
 
     @property
     def in_flight_bytes(self) -> int:
-        return self._cum_sent - self._cum_applied if self.connected else 0
+        return sum(p.cum_sent - p.cum_applied for p in self.peers.values() if p.connected)
 
     @property
     def pending_writes(self) -> int:
@@ -261,20 +352,28 @@ class PrimaryCore:
 
     # ------------------------------------------------------------------ writes
 
-    def go_outdated(self) -> None:
-        """Stop replicating: every write the peer may lack goes to the bitmap."""
-        for seq in range(max(self.peer_durable + 1, self._log_first), self.last_seq + 1):
-            e = self._log.get(seq)
-            if e is not None:
-                self.bitmap.mark(e.offset, e.length)
-                e.in_log = False
-        self._log.clear()
-        self._log_first = self.last_seq + 1
-        self.log_bytes = 0
-        self._cum_before_first = self._cum_total
-        self._cum_applied = self._cum_sent = self._cum_total
-        self.outdated = True
-        self.stats.went_outdated += 1
+    def go_outdated(self, peer: str | None = None) -> None:
+        """Stop replicating to ``peer`` (``None``: every peer still missing
+        writes): what it may lack goes to its bitmap, nothing more is shipped."""
+        if peer is None:
+            targets = [
+                p for p in self.peers.values() if not p.outdated and p.durable < self.last_seq
+            ]
+            if not targets:
+                targets = [p for p in self.peers.values() if not p.outdated]
+        else:
+            targets = [self._peer(peer)]
+        for p in targets:
+            if p.outdated:
+                continue
+            for seq in range(max(p.durable + 1, self._log_first), self.last_seq + 1):
+                e = self._log.get(seq)
+                if e is not None:
+                    p.bitmap.mark(e.offset, e.length)
+            p.outdated = True
+            p.cum_applied = p.cum_sent = self._cum_total
+            self.stats.went_outdated += 1
+        self._trim()
 
     def submit(
         self,
@@ -291,16 +390,18 @@ class PrimaryCore:
         wire = ENTRY_HEADER_BYTES + (length if kind == WriteKind.WRITE else 0)
         self._cum_total += wire
         e = LogEntry(seq, kind, offset, length, fua, data, now_s, self._cum_total)
-        if self.outdated:
+        for p in self.peers.values():
+            if p.outdated or not p.connected:
+                p.bitmap.mark(offset, length)
+            if p.outdated:
+                p.cum_applied = p.cum_sent = self._cum_total
+        if self._all_outdated():
             e.in_log = False
-            self.bitmap.mark(offset, length)
             self._log_first = seq + 1
-            self._cum_before_first = self._cum_applied = self._cum_sent = self._cum_total
+            self._cum_before_first = self._cum_total
         else:
             self._log[seq] = e
             self.log_bytes += wire
-            if not self.connected:
-                self.bitmap.mark(offset, length)
         self._pending[seq] = e
         self.stats.writes += 1
         self.stats.bytes_written += length
@@ -319,11 +420,12 @@ class PrimaryCore:
     def local_failed(self, seq: int) -> None:
         """The local store refused write ``seq``: the application gets an error.
 
-        The write may already be shipped; the peer stays outdated in that region.
+        The write may already be shipped; every peer keeps that region dirty.
         """
         e = self._pending.pop(seq, None)
         if e is not None:
-            self.bitmap.mark(e.offset, e.length)
+            for p in self.peers.values():
+                p.bitmap.mark(e.offset, e.length)
 
     def _collect(self, candidates: list[LogEntry] | None = None) -> list[int]:
         done = []
@@ -335,17 +437,20 @@ class PrimaryCore:
         return done
 
     def allow_degraded(self) -> list[int]:
-        """Operator override: complete sync writes without the peer until it is back."""
+        """Operator override: complete sync writes without the peers until they are back."""
         self.degraded_allowed = True
         return self._collect()
 
     # -------------------------------------------------------------------- peer
 
-    def peer_connected(self, remote: Hello, version: int) -> Welcome | Refuse:
+    def peer_connected(
+        self, remote: Hello, version: int, peer: str | None = None
+    ) -> Welcome | Refuse:
         """The peer's HELLO passed :func:`check_hello`; decide where it resumes.
 
         Returns the WELCOME to send (and starts replicating) or a REFUSE.
         """
+        p = self._peer(peer)
         applied = remote.applied_seq
         if applied > self.last_seq:
             reason = (
@@ -354,142 +459,156 @@ class PrimaryCore:
             )
             self.stats.refusals.append(reason)
             return Refuse(reason)
-        self.connected = True
+        p.connected = True
         self.stats.connects += 1
-        self._flush_sent = 0
-        if not self.outdated and applied + 1 < self._log_first:
+        p.flush_sent = 0
+        if not p.outdated and applied + 1 < self._log_first:
             # The peer is behind what we retained (it lost more than we kept).
-            self.peer_applied = self.peer_durable = applied
-            self.go_outdated()
-        if self.outdated:
+            p.applied = p.durable = applied
+            self.go_outdated(p.name)
+        if p.outdated:
             return Welcome(version, applied + 1, self.last_seq)
-        if applied < self.peer_applied:
-            self.stats.resends += self.peer_applied - applied
-        self.peer_applied = applied
-        self.peer_durable = min(remote.durable_seq, applied)
-        self._sent_seq = applied
-        self._cum_applied = self._cum_sent = self._cum_at(applied)
-        self.degraded_allowed = False
-        self._maybe_clear_bitmap()
+        if applied < p.applied:
+            self.stats.resends += p.applied - applied
+        p.applied = applied
+        p.durable = min(remote.durable_seq, applied)
+        p.sent = applied
+        p.cum_applied = p.cum_sent = self._cum_at(applied)
+        if all(q.connected and not q.outdated for q in self.peers.values()):
+            # Every peer is back: sync writes wait for the peers again.
+            self.degraded_allowed = False
+        self._maybe_clear_bitmap(p)
         return Welcome(version, applied + 1, self.last_seq)
 
-    def peer_lost(self) -> list[int]:
+    def peer_lost(self, peer: str | None = None) -> list[int]:
         """The connection ended; return writes that now complete (continue mode)."""
-        if self.connected:
+        p = self._peer(peer)
+        if p.connected:
             self.stats.disconnects += 1
-        self.connected = False
-        self._sent_seq = self.peer_applied
-        self._cum_sent = self._cum_applied
-        if not self.outdated:
-            for seq in range(max(self.peer_applied + 1, self._log_first), self.last_seq + 1):
+        p.connected = False
+        p.sent = p.applied
+        p.cum_sent = p.cum_applied
+        if not p.outdated:
+            for seq in range(max(p.applied + 1, self._log_first), self.last_seq + 1):
                 e = self._log[seq]
-                self.bitmap.mark(e.offset, e.length)
+                p.bitmap.mark(e.offset, e.length)
         return self._collect()
 
-    def next_batch(self) -> Writes | None:
-        """The next WRITES frame to send, or None (nothing to send or window full)."""
-        if not self.connected or self.outdated or self._sent_seq >= self.last_seq:
+    def next_batch(self, peer: str | None = None) -> Writes | None:
+        """The next WRITES frame for ``peer``, or None (nothing to send or window full)."""
+        p = self._peer(peer)
+        if not p.connected or p.outdated or p.sent >= self.last_seq:
             return None
-        budget_inflight = self.policy.max_in_flight_bytes - (self._cum_sent - self._cum_applied)
+        budget_inflight = self.policy.max_in_flight_bytes - (p.cum_sent - p.cum_applied)
         budget = min(self.policy.max_batch_bytes, budget_inflight)
         entries: list[WriteEntry] = []
         size = 0
-        seq = self._sent_seq + 1
+        seq = p.sent + 1
         while seq <= self.last_seq and len(entries) < self.policy.max_batch_entries:
             e = self._log[seq]
             # Always allow one entry if nothing is in flight, so a write larger
             # than the window still goes out.
-            if (entries or self._cum_sent != self._cum_applied) and size + e.wire_bytes > budget:
+            if (entries or p.cum_sent != p.cum_applied) and size + e.wire_bytes > budget:
                 break
             entries.append(e.to_wire())
             size += e.wire_bytes
             seq += 1
         if not entries:
             return None
-        self._sent_seq = entries[-1].seq
-        self._cum_sent = self._cum_at(self._sent_seq)
+        p.sent = entries[-1].seq
+        p.cum_sent = self._cum_at(p.sent)
         self.stats.batches_sent += 1
         self.stats.entries_sent += len(entries)
         return Writes(tuple(entries))
 
-    def on_ack(self, ack: Ack) -> list[int]:
-        """Apply a cumulative ACK; return writes that now complete.
+    def on_ack(self, ack: Ack, peer: str | None = None) -> list[int]:
+        """Apply a cumulative ACK from ``peer``; return writes that now complete.
 
         Raises ProtocolError for an ACK that goes backwards or covers writes
         never sent (nothing changes then).
         """
-        if not self.connected:
+        p = self._peer(peer)
+        if not p.connected:
             raise ProtocolError("ACK before the handshake completed")
-        if ack.applied_seq > self._sent_seq:
-            raise ProtocolError(
-                f"ACK for write {ack.applied_seq} but only {self._sent_seq} were sent"
-            )
+        if ack.applied_seq > p.sent:
+            raise ProtocolError(f"ACK for write {ack.applied_seq} but only {p.sent} were sent")
         if ack.durable_seq > ack.applied_seq:
             raise ProtocolError(f"ACK says durable {ack.durable_seq} > applied {ack.applied_seq}")
-        if ack.applied_seq < self.peer_applied or ack.durable_seq < self.peer_durable:
+        if ack.applied_seq < p.applied or ack.durable_seq < p.durable:
             raise ProtocolError(
-                f"ACK goes backwards (applied {ack.applied_seq} < {self.peer_applied} "
-                f"or durable {ack.durable_seq} < {self.peer_durable})"
+                f"ACK goes backwards (applied {ack.applied_seq} < {p.applied} "
+                f"or durable {ack.durable_seq} < {p.durable})"
             )
-        if self.outdated:
+        if p.outdated:
             return []
-        if ack.applied_seq > self.peer_applied:
-            self.peer_applied = ack.applied_seq
-            self._cum_applied = self._cum_at(ack.applied_seq)
-        if ack.durable_seq > self.peer_durable:
-            self.peer_durable = ack.durable_seq
+        if ack.applied_seq > p.applied:
+            p.applied = ack.applied_seq
+            p.cum_applied = self._cum_at(ack.applied_seq)
+        if ack.durable_seq > p.durable:
+            p.durable = ack.durable_seq
             self._trim()
-        self._maybe_clear_bitmap()
+        self._maybe_clear_bitmap(p)
         return self._collect()
 
     def _trim(self) -> None:
-        while self._log_first <= self.peer_durable:
-            e = self._log.pop(self._log_first)
-            self.log_bytes -= e.wire_bytes
-            self._cum_before_first = e.cum_bytes
+        """Drop log entries every peer still replicating has made durable."""
+        live = [p.durable for p in self.peers.values() if not p.outdated]
+        floor = min(live) if live else self.last_seq
+        while self._log_first <= floor:
+            e = self._log.pop(self._log_first, None)
+            if e is not None:
+                self.log_bytes -= e.wire_bytes
+                e.in_log = False
+                self._cum_before_first = e.cum_bytes
             self._log_first += 1
+        if not live:
+            self._cum_before_first = self._cum_total
 
-    def _maybe_clear_bitmap(self) -> None:
+    def _maybe_clear_bitmap(self, p: PeerState) -> None:
         # Every write went through the log in order and the peer applied them
         # all, so the regions marked while it was away are no longer dirty.
-        if not self.outdated and self.connected and self.peer_applied == self.last_seq:
-            self.bitmap.clear()
+        if not p.outdated and p.connected and p.applied == self.last_seq:
+            p.bitmap.clear()
 
     # ------------------------------------------------------------------- flush
 
     def request_peer_flush(self) -> int:
-        """Ask the peer to make every write sequenced so far durable; return the
-        sequence number the caller must see durable on the peer."""
-        self._flush_wanted = max(self._flush_wanted, self.last_seq)
+        """Ask the peers to make every write sequenced so far durable; return the
+        sequence number the caller must see durable on them."""
+        for p in self.peers.values():
+            p.flush_wanted = max(p.flush_wanted, self.last_seq)
         return self.last_seq
 
     def peer_flush_satisfied(self, upto_seq: int) -> bool:
         """True once a peer flush up to ``upto_seq`` is done or no longer needed."""
-        if not self.peer_required():
-            return True
-        return not self.outdated and self.peer_durable >= upto_seq
+        return all(
+            not self._required(p) or (not p.outdated and p.durable >= upto_seq)
+            for p in self.peers.values()
+        )
 
-    def next_flush(self, now_s: float) -> Flush | None:
-        """The FLUSH frame to send now, if any (requested, or background trim)."""
-        if not self.connected or self.outdated:
+    def next_flush(self, now_s: float, peer: str | None = None) -> Flush | None:
+        """The FLUSH frame to send ``peer`` now, if any (requested, or to let
+        the retained log be trimmed)."""
+        p = self._peer(peer)
+        if not p.connected or p.outdated:
             return None
         background = (
-            self.peer_durable < self.peer_applied
+            p.durable < p.applied
             and (
-                now_s - self._last_flush_sent_s >= self.policy.peer_flush_interval_s
+                now_s - p.last_flush_sent_s >= self.policy.peer_flush_interval_s
                 or self.log_bytes * 2 > self.policy.max_lag_bytes
             )
-            and self._flush_sent < self.peer_applied
+            and p.flush_sent < p.applied
         )
         if background:
-            self._flush_wanted = max(self._flush_wanted, self.peer_applied)
-        if self._flush_wanted <= self._flush_sent or self._flush_wanted <= self.peer_durable:
+            p.flush_wanted = max(p.flush_wanted, p.applied)
+        if p.flush_wanted <= p.flush_sent or p.flush_wanted <= p.durable:
             return None
-        self._flush_sent = self._flush_wanted
-        self._last_flush_sent_s = now_s
-        fid = self._next_flush_id
-        self._next_flush_id += 1
-        return Flush(self._flush_wanted, fid)
+        p.flush_sent = p.flush_wanted
+        p.last_flush_sent_s = now_s
+        fid = p.next_flush_id
+        p.next_flush_id += 1
+        return Flush(p.flush_wanted, fid)
 
 
 class SecondaryCore:

@@ -925,9 +925,15 @@ def _unwrap_link_errors() -> Iterator[None]:
     try:
         yield
     except BaseExceptionGroup as group:
-        cancelled, _ = group.split(trio.Cancelled)
-        link, other = group.split(_LINK_ERRORS)
-        if cancelled is not None or other is not None or link is None:
+        cancelled, rest = group.split(trio.Cancelled)
+        link, other = rest.split(_LINK_ERRORS) if rest is not None else (None, None)
+        if other is not None:
+            raise  # a bug: propagate everything
+        if cancelled is not None:
+            # Being cancelled anyway: a link failure at the same moment is moot,
+            # and must not escape the cancel scope that owns the Cancelled.
+            raise cancelled from None
+        if link is None:
             raise
         store, _ = link.split(StoreError)
         first: BaseException = store if store is not None else link

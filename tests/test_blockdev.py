@@ -32,8 +32,9 @@ def loop_device(tmp_path):
     backing = tmp_path / "backing.img"
     with open(backing, "wb") as f:
         f.truncate(SIZE)
-    proc = subprocess.run(["losetup", "--find", "--show", str(backing)],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True, timeout=30
+    )
     if proc.returncode != 0:
         pytest.skip(f"losetup could not attach a loop device: {proc.stderr.strip()}")
     dev = proc.stdout.strip()
@@ -65,5 +66,5 @@ def test_store_on_a_block_device(loop_device) -> None:
 
 def test_block_device_smaller_than_configured_is_refused(loop_device) -> None:
     dev, _ = loop_device
-    with pytest.raises(StoreError, match="block device .* holds"):
+    with pytest.raises(StoreError, match=r"block device .* holds"):
         FileStore(dev, SIZE * 2)

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from geoclus.errors import NotPrimaryError, ProtocolError, StoreError
@@ -246,3 +247,60 @@ async def test_clean_close_records_clean_state(tmp_path) -> None:
         st = m.open()
         m.close()
         assert st is not None and st.clean and st.seq == seq
+
+
+async def _nursery_with(*tasks) -> None:
+    async with trio.open_nursery() as n:
+        for t in tasks:
+            n.start_soon(t)
+
+
+async def _sleeper() -> None:
+    await trio.sleep_forever()
+
+
+async def _dies_when_cancelled() -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        raise ProtocolError("link died at the same moment")
+
+
+async def test_link_error_during_cancellation_stays_inside_the_scope() -> None:
+    from replicator.volume import _unwrap_link_errors
+
+    with trio.CancelScope() as cs, _unwrap_link_errors():
+        async with trio.open_nursery() as n:
+            n.start_soon(_dies_when_cancelled)
+            n.start_soon(_sleeper)
+            await trio.lowlevel.checkpoint()
+            cs.cancel()
+    assert cs.cancelled_caught  # nothing escaped the cancelled scope
+
+
+async def test_link_error_group_becomes_its_first_error() -> None:
+    from replicator.volume import _unwrap_link_errors
+
+    async def fail() -> None:
+        await trio.lowlevel.checkpoint()
+        raise ProtocolError("checksum mismatch")
+
+    with pytest.raises(ProtocolError, match="checksum"), _unwrap_link_errors():
+        await _nursery_with(fail, _sleeper)
+
+
+async def test_a_bug_next_to_a_link_error_is_not_hidden() -> None:
+    from replicator.volume import _unwrap_link_errors
+
+    # Both raise in their first step, before any checkpoint, so neither can be
+    # cancelled by the other's failure: the group always holds both.
+    async def bug() -> None:
+        raise KeyError("bug")
+
+    async def link() -> None:
+        raise ProtocolError("closed")
+
+    with pytest.raises(BaseExceptionGroup) as info, _unwrap_link_errors():
+        await _nursery_with(bug, link)
+    assert info.value.subgroup(KeyError) is not None
+    assert info.value.subgroup(ProtocolError) is not None
