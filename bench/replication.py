@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -464,6 +465,21 @@ def _cmd_version(cmd: list[str]) -> str:
     return lines[0] if lines else "unknown"
 
 
+def tree_state() -> str:
+    """HEAD plus a digest of the uncommitted changes to tracked files (read-only)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(
+            ["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, timeout=10, check=False
+        ).stdout
+        diff = subprocess.run(
+            ["git", "-C", repo, "diff", "HEAD"], capture_output=True, timeout=30, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return hashlib.sha256(head + b"\0" + diff).hexdigest()
+
+
 def machine_info() -> list[tuple[str, str]]:
     cpu = platform.processor() or "unknown"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -775,6 +791,7 @@ def main(
     )
     configs = [c for c in CONFIGS if not only or c.key in only]
     machine = machine_info()
+    tree_at_start = tree_state()
     started = datetime.datetime.now(datetime.UTC)
     root = tempfile.mkdtemp(prefix="geoclus-bench-")
     say(
@@ -799,6 +816,10 @@ def main(
         say("\ninterrupted: processes stopped" + ("" if keep else ", files removed"))
         sys.exit(130)
     elapsed = (datetime.datetime.now(datetime.UTC) - started).total_seconds()
+    if tree_state() != tree_at_start:
+        machine.append(
+            ("note", "the source tree changed during the run (daemons started later ran it)")
+        )
     when = f"started {started:%Y-%m-%d %H:%M} UTC, took {elapsed / 60:.1f} min"
     say(text_report(results, s, machine, when))
     if markdown_path:

@@ -22,7 +22,7 @@ import trio
 
 from geoclus.config import DaemonConfig
 from geoclus.control import serve_control
-from geoclus.errors import ControlError, GeoclusError
+from geoclus.errors import ControlError, GeoclusError, HandshakeRefused
 from geoclus.nbd.server import NbdServer
 from replicator.frames import Role
 from replicator.volume import TEST_FAULTS, ReplicatedVolume
@@ -32,6 +32,9 @@ log = logging.getLogger("geoclus.daemon")
 # Bound on the TLS handshake of an incoming replication connection, so a
 # client that connects and says nothing cannot hold a task forever.
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
+# Largest single write the export accepts (advertised in NBD_INFO_BLOCK_SIZE):
+# it must fit, with its entry header, in one replication frame.
+MAX_WRITE_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,12 @@ class Daemon:
         stream: trio.abc.Stream = await trio.open_tcp_stream(peer.host, peer.port)
         if self._client_ctx is not None:
             tls = trio.SSLStream(stream, self._client_ctx, server_hostname=None)
-            await tls.do_handshake()
-            _check_peer_name(self.cfg, tls)
+            try:
+                await tls.do_handshake()
+                _check_peer_name(self.cfg, tls)
+            except GeoclusError as exc:
+                await trio.aclose_forcefully(tls)
+                raise HandshakeRefused(str(exc)) from None
             stream = tls
         return stream
 
@@ -184,6 +191,8 @@ class Daemon:
                     tcp_host=cfg.export.tcp.host if cfg.export.tcp else None,
                     tcp_port=cfg.export.tcp.port if cfg.export.tcp else None,
                     default_export=cfg.export.name,
+                    # One write must fit in one replication frame.
+                    max_payload_bytes=MAX_WRITE_BYTES,
                 )
                 nbd_addr = await nursery.start(self.nbd.serve)
                 await nursery.start(serve_control, cfg.control_socket, self._control)

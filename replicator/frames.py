@@ -149,8 +149,10 @@ class Flush:
 
 @dataclass(frozen=True)
 class Ack:
-    """Cumulative acknowledgement: all writes ``<= applied_seq`` are applied,
-    all ``<= durable_seq`` are durable, and every flush ``<= flush_id`` is done."""
+    """Cumulative acknowledgement: all writes ``<= applied_seq`` are applied and
+    all ``<= durable_seq`` are durable. ``flush_id`` is the newest FLUSH done
+    (0 while a newer one is pending); informational, completion uses
+    ``durable_seq``."""
 
     applied_seq: int
     durable_seq: int

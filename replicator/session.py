@@ -420,7 +420,9 @@ class PrimaryCore:
     def local_failed(self, seq: int) -> None:
         """The local store refused write ``seq``: the application gets an error.
 
-        The write may already be shipped; every peer keeps that region dirty.
+        The write may already have been shipped. The store shell treats a
+        failed write as a failed disk (it refuses all further I/O), so the
+        region is only marked dirty here for the record.
         """
         e = self._pending.pop(seq, None)
         if e is not None:
@@ -467,6 +469,10 @@ class PrimaryCore:
             p.applied = p.durable = applied
             self.go_outdated(p.name)
         if p.outdated:
+            # Nothing will be shipped; remember where the peer stands so its
+            # (unchanging) acknowledgements are accepted.
+            p.applied = p.sent = applied
+            p.durable = min(remote.durable_seq, applied)
             return Welcome(version, applied + 1, self.last_seq)
         if applied < p.applied:
             self.stats.resends += p.applied - applied
@@ -540,6 +546,8 @@ class PrimaryCore:
                 f"or durable {ack.durable_seq} < {p.durable})"
             )
         if p.outdated:
+            # Keep track (for status) but nothing completes or trims through it.
+            p.applied, p.durable = ack.applied_seq, ack.durable_seq
             return []
         if ack.applied_seq > p.applied:
             p.applied = ack.applied_seq

@@ -280,8 +280,9 @@ class AsyncStore:
     requested, and one ``fdatasync`` serves every flush waiting at that moment.
 
     A failed ``fdatasync`` poisons the store: Linux may drop the dirty pages and
-    report success on the next call, so no later flush can be trusted. Every
-    flush and write after that raises :class:`StoreError`.
+    report success on the next call, so no later flush can be trusted. A failed
+    write does too (the range's content is unknown). Every flush and write
+    after that raises :class:`StoreError`.
     """
 
     def __init__(self, store: FileStore, io_threads: int = 4) -> None:
@@ -322,19 +323,28 @@ class AsyncStore:
             return cached
         return await self._run(self.store.read, offset, length)
 
-    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+    async def _write_op(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run a write; an I/O error poisons the store like a failed sync (the
+        content of the range is unknown, so nothing after it can be trusted)."""
         self._check_healthy()
+        try:
+            await self._run(fn, *args)
+        except StoreError as exc:
+            self._failed = exc
+            raise
+
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         self.store.check(offset, len(data))
-        await self._run(self.store.write, offset, data, fua)
+        await self._write_op(self.store.write, offset, data, fua)
 
     async def write_many(self, writes: Sequence[tuple[int, bytes | memoryview]]) -> None:
-        self._check_healthy()
-        await self._run(self.store.write_many, writes)
+        for offset, data in writes:
+            self.store.check(offset, len(data))
+        await self._write_op(self.store.write_many, writes)
 
     async def write_zeroes(self, offset: int, length: int, punch: bool = False) -> None:
-        self._check_healthy()
         self.store.check(offset, length)
-        await self._run(self.store.write_zeroes, offset, length, punch)
+        await self._write_op(self.store.write_zeroes, offset, length, punch)
 
     async def flush(self) -> None:
         """Return once every write completed before this call is durable.

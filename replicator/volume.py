@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -147,6 +148,9 @@ class FrameChannel:
             data = await self.stream.receive_some(_RECEIVE_BYTES)
             if not data:
                 raise ProtocolError("peer closed the connection")
+            # Any bytes prove the peer alive: a large frame on a slow link may
+            # take longer than the timeout to arrive whole.
+            self.last_receive_s = trio.current_time()
             self.bytes_received += len(data)
             self._dec.receive_data(data)
 
@@ -206,6 +210,8 @@ class ReplicatedVolume:
         # the primary's position at reconnect.
         self._replaying = replaying
         self._replay_until: int | None = None
+        # Whether the previous run of this copy ended with a clean shutdown.
+        self.was_clean = False
         if spec.role == Role.PRIMARY:
             self.primary = PrimaryCore(
                 spec.policy, spec.size_bytes, last_seq=state.seq, peer_outdated=state.outdated
@@ -231,10 +237,21 @@ class ReplicatedVolume:
 
     @classmethod
     def _open_sync(cls, spec: VolumeSpec) -> ReplicatedVolume:
-        fstore = FileStore(spec.store_path, spec.size_bytes, spec.block_size)
         meta = MetaFile(spec.meta_path)
+        prev = meta.open()
+        if prev is not None and not os.path.exists(spec.store_path):
+            meta.close()
+            raise StoreError(
+                f"metadata {spec.meta_path} says this copy holds data, but the store "
+                f"{spec.store_path} is missing; restore it, or remove the metadata file to "
+                "start this copy empty (it will then need a full sync)"
+            )
         try:
-            prev = meta.open()
+            fstore = FileStore(spec.store_path, spec.size_bytes, spec.block_size)
+        except BaseException:
+            meta.close()
+            raise
+        try:
             role_code = ROLE_PRIMARY if spec.role == Role.PRIMARY else ROLE_SECONDARY
             replaying = False
             if prev is None:
@@ -274,6 +291,10 @@ class ReplicatedVolume:
                         f"{spec.block_size}"
                     )
                 state = replace(prev, role=role_code, clean=False)
+                if spec.role == Role.SECONDARY:
+                    # ``outdated`` records that a primary's *peer* was behind;
+                    # it means nothing for a copy that is now secondary.
+                    state = replace(state, outdated=False)
                 if not prev.clean:
                     if spec.role == Role.PRIMARY:
                         # The primary crashed: writes it shipped may not be on its
@@ -294,12 +315,15 @@ class ReplicatedVolume:
                             spec.name,
                             prev.seq,
                         )
+            was_clean = prev is not None and prev.clean
             state = meta.write(state)
         except BaseException:
             fstore.close()
             meta.close()
             raise
-        return cls(spec, AsyncStore(fstore), meta, state, replaying=replaying)
+        vol = cls(spec, AsyncStore(fstore), meta, state, replaying=replaying)
+        vol.was_clean = was_clean
+        return vol
 
     # ------------------------------------------------------------ BlockDevice
 
@@ -445,7 +469,7 @@ class ReplicatedVolume:
         return make_hello(
             role=self._role,
             mode=self.spec.policy.mode,
-            flags=HELLO_FLAG_CLEAN if self.state.clean else 0,
+            flags=HELLO_FLAG_CLEAN if self.was_clean else 0,
             block_size=self.spec.block_size,
             size_bytes=self.spec.size_bytes,
             volume_id=self.spec.volume_id,
@@ -610,15 +634,21 @@ class ReplicatedVolume:
         A newer connection replaces an older one: the old session is stopped
         (its in-progress apply finishes first) before the new handshake starts.
         """
-        if self._session_scope is not None and self._session_done is not None:
-            self._session_scope.cancel()
-            await self._session_done.wait()
+        # Become the current session at once; the previous one (if any) is
+        # cancelled and must be fully gone before we touch the core. A newer
+        # connection arriving meanwhile cancels us the same way, and our exit
+        # waits for our predecessor, so two sessions never overlap.
         scope = trio.CancelScope()
         done = trio.Event()
+        prev_scope, prev_done = self._session_scope, self._session_done
         self._session_scope, self._session_done = scope, done
+        if prev_scope is not None:
+            prev_scope.cancel()
         ch = FrameChannel(stream)
         try:
             with scope:
+                if prev_done is not None:
+                    await prev_done.wait()
                 with trio.fail_after(self.spec.timers.connect_timeout_s):
                     await self._secondary_handshake(ch)
                 self.connected_peer = peer_label
@@ -644,7 +674,10 @@ class ReplicatedVolume:
         ) as exc:
             self._link_error(_describe(exc))
         finally:
-            if self.secondary is not None:
+            if prev_done is not None and not prev_done.is_set():
+                with trio.CancelScope(shield=True):
+                    await prev_done.wait()
+            if self.secondary is not None and self._session_scope is scope:
                 self.secondary.reset_link()
             if self._session_scope is scope:
                 self.connected_peer = None
@@ -678,7 +711,11 @@ class ReplicatedVolume:
             raise ProtocolError(f"expected WELCOME, got {type(answer).__name__}")
         core.on_welcome(answer)
         if self._replaying:
-            self._replay_until = answer.primary_seq
+            if core.applied_seq >= answer.primary_seq:
+                # Nothing was written after our durable point: nothing is torn.
+                self._replaying = False
+            else:
+                self._replay_until = answer.primary_seq
 
     async def _secondary_session(self, ch: FrameChannel) -> None:
         with _unwrap_link_errors():
@@ -797,12 +834,11 @@ class ReplicatedVolume:
 
     @property
     def consistency(self) -> str:
-        """``consistent``, ``outdated`` (a consistent older image) or
-        ``inconsistent`` (a secondary replaying after a crash)."""
+        """``consistent`` or ``inconsistent`` (a secondary replaying after a
+        crash). Whether a peer is outdated is the primary's knowledge and shows
+        in its status as ``peer_outdated``."""
         if self._replaying:
             return "inconsistent"
-        if self.primary is None and self.state.outdated:
-            return "outdated"
         return "consistent"
 
     def status(self) -> dict[str, Any]:

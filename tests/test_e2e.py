@@ -229,6 +229,8 @@ async def test_real_nbd_clients_against_replicated_primary(tmp_path) -> None:
             assert export["export-size"] == 16 << 20
             assert export["is_read_only"] is False
             assert export["can_flush"] and export["can_fua"]
+            # One write must fit one replication frame: the export says so.
+            assert export["block_size_maximum"] <= 16 << 20
             info_b = json.loads(await run("nbdinfo", "--json", uri_b))
             assert info_b["exports"][0]["is_read_only"] is True
             src = work / "src.bin"
@@ -283,6 +285,13 @@ async def test_out_of_order_fault_is_caught_end_to_end(tmp_path) -> None:
                             await client.write(rng.randrange(4) * BLOCK, rng.randbytes(BLOCK))
 
                     ws.start_soon(burst)
+            await client.flush()
+            # Finish with one concurrent burst to a single block: it goes out as
+            # one batch (async coalescing), so which write lands last differs
+            # when the batch is applied backwards.
+            async with trio.open_nursery() as ws:
+                for i in range(32):
+                    ws.start_soon(client.write, 0, bytes([i + 1]) * BLOCK)
             await client.flush()
             with trio.fail_after(20):
                 while (await status(pair.a))["lag_writes"]:

@@ -71,3 +71,15 @@ def test_an_outdated_peer_does_not_hold_back_the_other() -> None:
     assert core.peers["c"].bitmap.dirty_bytes > 0
     assert core.log_bytes == 0  # b made everything durable; c no longer counts
     assert core.next_batch("c") is None
+
+
+def test_outdated_peer_reconnecting_after_primary_restart_acks_cleanly() -> None:
+    """The primary restarted knowing its peer is outdated (last_seq 10, peer at
+    4): the peer's acknowledgements of where it stands must be accepted, or the
+    link would drop and re-dial forever."""
+    core = PrimaryCore(ReplicationPolicy(mode=Mode.ASYNC), 1 << 20, last_seq=10, peer_outdated=True)
+    core.peer_connected(hello(applied=4, durable=4), 1)
+    assert core.next_batch() is None  # nothing is shipped to an outdated peer
+    for _ in range(3):
+        assert core.on_ack(Ack(4, 4, 0)) == []  # must not raise ProtocolError
+    assert core.peer.applied == 4 and core.outdated

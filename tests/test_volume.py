@@ -304,3 +304,80 @@ async def test_a_bug_next_to_a_link_error_is_not_hidden() -> None:
         await _nursery_with(bug, link)
     assert info.value.subgroup(KeyError) is not None
     assert info.value.subgroup(ProtocolError) is not None
+
+
+async def test_missing_store_with_metadata_is_refused(tmp_path) -> None:
+    policy = ReplicationPolicy(mode=Mode.SYNC)
+    s = spec(tmp_path, "a", Role.PRIMARY, policy)
+    vol = await ReplicatedVolume.open(s)
+    await vol.close()
+    os.unlink(s.store_path)
+    with pytest.raises(StoreError, match=r"store .* is missing"):
+        await ReplicatedVolume.open(s)
+    assert not os.path.exists(s.store_path)  # nothing was recreated
+
+
+async def test_outdated_peer_stays_connected_without_flapping(tmp_path) -> None:
+    """A peer already outdated when it connects gets nothing shipped, and its
+    periodic acknowledgements must be accepted (no reconnect loop)."""
+    policy = ReplicationPolicy(mode=Mode.ASYNC, on_congestion="pull-ahead", max_lag_bytes=16 * 1024)
+    timers = LinkTimers(
+        peer_timeout_s=2.0,
+        keepalive_interval_s=0.05,
+        secondary_sync_interval_s=0.05,
+        reconnect_min_s=0.01,
+        reconnect_max_s=0.05,
+    )
+    async with trio.open_nursery() as n:
+        a, _b, link = await open_pair(tmp_path, n, policy, timers)
+        await link.cut()
+        await wait_for(lambda: a.connected_peer is None)
+        for i in range(10):
+            await a.write(i * 4096, b"\x05" * 4096)
+        assert a.status()["peer_outdated"]
+        link.up = True
+        await wait_for(lambda: a.connected_peer is not None)
+        assert a.primary is not None
+        connects = a.primary.stats.connects
+        await trio.sleep(0.5)  # ten acknowledgement periods
+        assert a.primary.stats.connects == connects
+        assert a.connected_peer is not None and a.last_error is None
+        n.cancel_scope.cancel()
+
+
+async def test_crashed_secondary_with_nothing_to_replay_is_consistent_at_once(tmp_path) -> None:
+    policy = ReplicationPolicy(mode=Mode.SYNC)
+    async with trio.open_nursery() as n:
+        a, b, link = await open_pair(tmp_path, n, policy)
+        await a.write(0, b"\x01" * 512)
+        await a.flush()
+        await link.cut()
+        # The secondary "crashes": its metadata still says running (not clean).
+        b.meta.close()
+        b.store.close()
+        n.cancel_scope.cancel()
+    policy_b = spec(tmp_path, "b", Role.SECONDARY, policy)
+    b2 = await ReplicatedVolume.open(policy_b)
+    assert b2.consistency == "inconsistent"  # until it knows nothing is torn
+    async with trio.open_nursery() as n:
+        link2 = Link(n, b2)
+        n.start_soon(a.run_primary_link, link2.connect, "b")
+        await wait_for(lambda: b2.connected_peer is not None)
+        await wait_for(lambda: b2.consistency == "consistent", timeout_s=2)
+        assert b2.secondary is not None and b2.secondary.applied_seq == 1
+        n.cancel_scope.cancel()
+
+
+async def test_a_failed_local_write_poisons_the_store(tmp_path, monkeypatch) -> None:
+    policy = ReplicationPolicy(mode=Mode.ASYNC)
+    vol = await ReplicatedVolume.open(spec(tmp_path, "a", Role.PRIMARY, policy))
+
+    def eio(*args):
+        raise StoreError("injected EIO")
+
+    monkeypatch.setattr(vol.store.store, "write", eio)
+    with pytest.raises(StoreError, match="injected"):
+        await vol.write(0, b"\x01" * 512)
+    monkeypatch.undo()
+    with pytest.raises(StoreError, match="no longer trusted"):
+        await vol.write(512, b"\x02" * 512)
