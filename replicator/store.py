@@ -50,6 +50,26 @@ def check_range(offset: int, length: int, size_bytes: int, block_size: int) -> N
         )
 
 
+@dataclass
+class StoreOp:
+    """One write for :meth:`AsyncStore.apply`: ``kind`` is ``write`` (with
+    ``data``), ``zeroes`` or ``trim``; ``fua`` makes it durable before it
+    completes."""
+
+    kind: str
+    offset: int
+    length: int
+    data: bytes = b""
+    fua: bool = False
+    done: trio.Event | None = None
+    lead: bool = False
+    error: BaseException | None = None
+
+
+# Writes applied by one worker call at most (bounds a batch's time and size).
+MAX_WRITE_BATCH = 64
+
+
 @dataclass(frozen=True)
 class StoreInfo:
     """What a store is: its path, size in bytes, block size, and whether it is a
@@ -216,6 +236,20 @@ class FileStore:
         for offset, data in writes:
             self._pwrite_all(offset, data, 0)
 
+    def apply_ops(self, ops: Sequence[StoreOp]) -> None:
+        """Apply independent writes in order in one call (one thread hop for a
+        whole batch). Every range is checked first; an I/O error stops the
+        batch and is raised (the caller treats the store as failed)."""
+        for op in ops:
+            self.check(op.offset, op.length)
+        for op in ops:
+            if op.kind == "write":
+                self._pwrite_all(op.offset, op.data, os.RWF_DSYNC if op.fua else 0)
+            else:
+                self.write_zeroes(op.offset, op.length, punch=op.kind == "trim")
+                if op.fua:
+                    self.fdatasync()
+
     def write_zeroes(self, offset: int, length: int, punch: bool = False) -> None:
         """Make ``[offset, offset+length)`` read as zeros; with ``punch`` (TRIM) a
         regular file's blocks are deallocated."""
@@ -295,6 +329,8 @@ class AsyncStore:
         self.flush_requests = 0
         self._workers: BlockingWorkers | None = None
         self.io_threads = io_threads
+        self._ops: list[StoreOp] = []
+        self._ops_busy = False
 
     def _run(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
         if self._workers is None:
@@ -336,6 +372,57 @@ class AsyncStore:
     async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         self.store.check(offset, len(data))
         await self._write_op(self.store.write, offset, data, fua)
+
+    async def apply(self, op: StoreOp) -> None:
+        """Apply one independent write, batched with the writes that are ready
+        at the same moment (group commit for writes: one worker call, one
+        thread hop, for up to MAX_WRITE_BATCH of them).
+
+        Leader/follower: a caller that finds no batch running applies the
+        queue itself; when its batch completes it hands the lead to the next
+        waiting caller, so nobody waits for more than one batch after its own.
+        Callers must not submit overlapping writes concurrently (the volume's
+        overlap rule already orders them).
+        """
+        self._check_healthy()
+        self.store.check(op.offset, op.length)
+        op.done = trio.Event()
+        self._ops.append(op)
+        if self._ops_busy:
+            await op.done.wait()
+            if not op.lead:
+                if op.error is not None:
+                    raise op.error
+                return
+        await self._lead_batch(op)
+
+    async def _lead_batch(self, own: StoreOp) -> None:
+        self._ops_busy = True
+        batch = self._ops[:MAX_WRITE_BATCH]
+        del self._ops[:MAX_WRITE_BATCH]
+        if not any(op is own for op in batch):  # a leader's op is first in line
+            raise AssertionError("leader's write is not in its batch")
+        error: BaseException | None = None
+        try:
+            await self._run(self.store.apply_ops, batch)
+        except StoreError as exc:
+            self._failed = exc
+            error = exc
+        finally:
+            for op in batch:
+                op.error = error
+                op.lead = False
+                if op is not own and op.done is not None:
+                    op.done.set()
+            if self._ops:
+                nxt = self._ops[0]
+                nxt.lead = True
+                if nxt.done is not None:
+                    nxt.done.set()
+            else:
+                self._ops_busy = False
+        if error is not None:
+            raise error
 
     async def write_many(self, writes: Sequence[tuple[int, bytes | memoryview]]) -> None:
         for offset, data in writes:

@@ -58,7 +58,7 @@ from replicator.latency import LatencyRecorder
 from replicator.meta import ROLE_PRIMARY, ROLE_SECONDARY, MetaFile, VolumeMeta
 from replicator.ordering import OverlapTracker
 from replicator.session import PrimaryCore, ReplicationPolicy, SecondaryCore
-from replicator.store import AsyncStore, FileStore, check_range
+from replicator.store import AsyncStore, FileStore, StoreOp, check_range
 
 log = logging.getLogger("geoclus.volume")
 
@@ -160,6 +160,8 @@ class FrameChannel:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 await self.stream.aclose()
 
+
+_STORE_KIND = {WriteKind.WRITE: "write", WriteKind.ZEROES: "zeroes", WriteKind.TRIM: "trim"}
 
 # What the secondary's receiver hands its applier: a validated batch in the
 # order the core says to apply it, with its last sequence number; or a FLUSH.
@@ -436,12 +438,7 @@ class ReplicatedVolume:
                     if ev is not None:
                         await ev.wait()
                 try:
-                    if kind == WriteKind.WRITE:
-                        await self.store.write(offset, data, fua)
-                    else:
-                        await self.store.write_zeroes(offset, length, kind == WriteKind.TRIM)
-                        if fua:
-                            await self.store.flush()
+                    await self.store.apply(StoreOp(_STORE_KIND[kind], offset, length, data, fua))
                 except BaseException:
                     core.local_failed(seq)
                     self._completion_events.pop(seq, None)

@@ -375,7 +375,7 @@ async def test_a_failed_local_write_poisons_the_store(tmp_path, monkeypatch) -> 
     def eio(*args):
         raise StoreError("injected EIO")
 
-    monkeypatch.setattr(vol.store.store, "write", eio)
+    monkeypatch.setattr(vol.store.store, "apply_ops", eio)
     with pytest.raises(StoreError, match="injected"):
         await vol.write(0, b"\x01" * 512)
     monkeypatch.undo()
