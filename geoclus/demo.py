@@ -216,6 +216,14 @@ async def run_mode(
                     k >= acked_before_cut,
                     f"{acked_before_cut} acknowledged before the cut, {k} on the secondary",
                 )
+            completed_during_cut = res.writes - acked_before_cut
+            if mode == "sync":
+                res.check(
+                    "writes suspended while the peer was unreachable",
+                    completed_during_cut <= 1,
+                    f"{completed_during_cut} writes completed during the cut "
+                    "(on_peer_loss = suspend; at most the one in flight may land)",
+                )
             phase = "restored"
             pair.link.restore()
             res.cut_s = time.monotonic() - cut_started
