@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import trio
+import trio.testing
 
 from geoclus.errors import StoreError
 from replicator.store import AsyncStore, FileStore, StoreOp
@@ -30,7 +31,7 @@ async def test_concurrent_writes_share_worker_calls(tmp_path, monkeypatch) -> No
     async with trio.open_nursery() as n:
         for i in range(40):
             n.start_soon(store.apply, StoreOp("write", i * 4096, 4096, bytes([i + 1]) * 4096))
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()
         gate.set()
     assert sum(calls) == 40
     assert len(calls) < 40  # batched: fewer worker calls than writes
@@ -63,7 +64,7 @@ async def test_batch_error_reaches_every_write_and_poisons(tmp_path, monkeypatch
     async with trio.open_nursery() as n:
         for i in range(8):
             n.start_soon(one, i)
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()
         gate.set()
     assert len(errors) == 8  # nobody is told its write succeeded
     with pytest.raises(StoreError, match="no longer trusted"):
