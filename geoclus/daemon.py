@@ -24,6 +24,7 @@ from geoclus.config import DaemonConfig
 from geoclus.control import serve_control
 from geoclus.errors import ControlError, GeoclusError, HandshakeRefused
 from geoclus.nbd.server import NbdServer
+from geoclus.tlsstream import TlsSocketStream, wrap_client, wrap_server
 from replicator.frames import Role
 from replicator.volume import TEST_FAULTS, ReplicatedVolume
 
@@ -58,7 +59,7 @@ def _tls_contexts(cfg: DaemonConfig) -> tuple[ssl.SSLContext | None, ssl.SSLCont
     )
 
 
-def _check_peer_name(cfg: DaemonConfig, stream: trio.SSLStream[Any]) -> str:
+def _check_peer_name(cfg: DaemonConfig, stream: TlsSocketStream) -> str:
     from geoclus.ca import peer_node_name
 
     name = peer_node_name(stream)
@@ -101,17 +102,16 @@ class Daemon:
     async def _connect(self) -> trio.abc.Stream:
         peer = self.cfg.peer
         assert peer is not None
-        stream: trio.abc.Stream = await trio.open_tcp_stream(peer.host, peer.port)
-        if self._client_ctx is not None:
-            tls = trio.SSLStream(stream, self._client_ctx, server_hostname=None)
-            try:
-                await tls.do_handshake()
-                _check_peer_name(self.cfg, tls)
-            except GeoclusError as exc:
-                await trio.aclose_forcefully(tls)
-                raise HandshakeRefused(str(exc)) from None
-            stream = tls
-        return stream
+        tcp = await trio.open_tcp_stream(peer.host, peer.port)
+        if self._client_ctx is None:
+            return tcp
+        tls = await wrap_client(tcp, self._client_ctx)
+        try:
+            _check_peer_name(self.cfg, tls)
+        except GeoclusError as exc:
+            await trio.aclose_forcefully(tls)
+            raise HandshakeRefused(str(exc)) from None
+        return tls
 
     async def _incoming(self, stream: trio.SocketStream) -> None:
         vol = self.volume
@@ -122,10 +122,10 @@ class Daemon:
             label = "peer"
         conn: trio.abc.Stream = stream
         if self._server_ctx is not None:
-            tls = trio.SSLStream(stream, self._server_ctx, server_side=True)
+            tls: TlsSocketStream | None = None
             try:
                 with trio.fail_after(TLS_HANDSHAKE_TIMEOUT_S):
-                    await tls.do_handshake()
+                    tls = await wrap_server(stream, self._server_ctx)
                 label = f"{_check_peer_name(self.cfg, tls)}@{label}"
             except (trio.BrokenResourceError, trio.TooSlowError, GeoclusError) as exc:
                 cause = exc.__cause__ or exc
@@ -134,7 +134,7 @@ class Daemon:
                     label,
                     cause if str(cause) else type(cause).__name__,
                 )
-                await trio.aclose_forcefully(stream)
+                await trio.aclose_forcefully(tls if tls is not None else stream)
                 return
             conn = tls
         try:
