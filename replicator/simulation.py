@@ -35,6 +35,7 @@ from replicator.frames import (
     Flush,
     FrameDecoder,
     FrameEncoder,
+    Hello,
     Message,
     Mode,
     Refuse,
@@ -271,6 +272,20 @@ class Simulation:
 
     # ------------------------------------------------------------------ link
 
+    def _hello(self, role: Role, applied: int, durable: int, node: str) -> Hello:
+        return make_hello(
+            role=role,
+            mode=self.policy.mode,
+            flags=0,
+            block_size=BLOCK,
+            size_bytes=self.size_bytes,
+            volume_id=VOLUME_ID,
+            generation=0,
+            applied_seq=applied,
+            durable_seq=durable,
+            node=node,
+        )
+
     def connect(self) -> bool:
         """Run the handshake if the link is down; True if it came up."""
         if self.connected:
@@ -279,31 +294,9 @@ class Simulation:
         self.to_primary.clear()
         self.to_secondary.clear()
         core = self.primary
-        p_hello = make_hello(
-            role=Role.PRIMARY,
-            mode=self.policy.mode,
-            flags=0,
-            block_size=BLOCK,
-            size_bytes=self.size_bytes,
-            volume_id=VOLUME_ID,
-            generation=0,
-            applied_seq=core.last_seq,
-            durable_seq=core.last_seq,
-            node="a",
-        )
         sec = self.secondary
-        s_hello = make_hello(
-            role=Role.SECONDARY,
-            mode=self.policy.mode,
-            flags=0,
-            block_size=BLOCK,
-            size_bytes=self.size_bytes,
-            volume_id=VOLUME_ID,
-            generation=0,
-            applied_seq=sec.applied_seq,
-            durable_seq=sec.durable_seq,
-            node="b",
-        )
+        p_hello = self._hello(Role.PRIMARY, core.last_seq, core.last_seq, "a")
+        s_hello = self._hello(Role.SECONDARY, sec.applied_seq, sec.durable_seq, "b")
         # Through the codec, as on the wire.
         self.s_dec.receive_data(self.p_enc.encode(p_hello))
         got = self.s_dec.next_message()

@@ -498,13 +498,7 @@ class ReplicatedVolume:
             except HandshakeRefused as exc:
                 self._link_error(f"handshake refused: {exc.reason}")
                 backoff = timers.reconnect_max_s
-            except (
-                ProtocolError,
-                OSError,
-                trio.BrokenResourceError,
-                trio.TooSlowError,
-                trio.ClosedResourceError,
-            ) as exc:
+            except _TRANSPORT_ERRORS as exc:
                 self._link_error(_describe(exc))
             finally:
                 self.connected_peer = None
@@ -662,13 +656,7 @@ class ReplicatedVolume:
                 exc,
             )
             self.last_error = f"store failed: {exc}"
-        except (
-            ProtocolError,
-            OSError,
-            trio.BrokenResourceError,
-            trio.TooSlowError,
-            trio.ClosedResourceError,
-        ) as exc:
+        except _TRANSPORT_ERRORS as exc:
             self._link_error(_describe(exc))
         finally:
             if prev_done is not None and not prev_done.is_set():
@@ -937,16 +925,17 @@ class ReplicatedVolume:
             self._closed = True
 
 
-# Failures that end a session (as opposed to bugs): the link, or the store
-# under the secondary's applier. The session ends and the link retries.
-_LINK_ERRORS = (
+# Failures of the connection itself: the session ends and the link retries.
+_TRANSPORT_ERRORS = (
     ProtocolError,
     OSError,
     trio.BrokenResourceError,
     trio.ClosedResourceError,
     trio.TooSlowError,
-    StoreError,
 )
+# Failures that end a session (as opposed to bugs): the connection, or the
+# store under the secondary's applier.
+_LINK_ERRORS = (*_TRANSPORT_ERRORS, StoreError)
 
 
 @contextlib.contextmanager
