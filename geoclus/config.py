@@ -104,6 +104,7 @@ _ALLOWED = {
         "max_lag_bytes",
         "max_in_flight_bytes",
         "region_size",
+        "bitmap",
     },
     "node": {"name"},
     "replication": {
@@ -297,6 +298,7 @@ def parse_config(data: dict[str, Any], path: str = "<memory>") -> DaemonConfig:
         raise r.fail("volume.size", f"{size} bytes must be a positive multiple of {block_size}")
     store = r.path_of(vol, "volume", "store")
     meta = r.path_of(vol, "volume", "meta", None) or store + ".meta"
+    bitmap_path = r.path_of(vol, "volume", "bitmap", None) or store + ".bitmap"
     mode = Mode.SYNC if r.choice(vol, "volume", "mode", ("sync", "async")) == "sync" else Mode.ASYNC
     role = (
         Role.PRIMARY
@@ -413,5 +415,6 @@ def parse_config(data: dict[str, Any], path: str = "<memory>") -> DaemonConfig:
         policy=policy,
         node=node,
         timers=timers,
+        bitmap_path=bitmap_path,
     )
     return DaemonConfig(path, spec, listen, peer, tls, export, control)

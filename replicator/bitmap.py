@@ -27,17 +27,36 @@ class DirtyBitmap:
         self._bits = bytearray((self.regions + 7) // 8)
         self._count = 0
 
-    def mark(self, offset: int, length: int) -> None:
-        """Mark every region that ``[offset, offset+length)`` touches."""
-        if length <= 0:
-            return
+    def mark(self, offset: int, length: int) -> list[int]:
+        """Mark every region that ``[offset, offset+length)`` touches; return the
+        regions that were clean before (the ones to persist write-ahead)."""
+        if length <= 0 or offset < 0:
+            return []
         first = offset // self.region_bytes
         last = min((offset + length - 1) // self.region_bytes, self.regions - 1)
+        newly = []
         for r in range(first, last + 1):
             byte, bit = divmod(r, 8)
             if not self._bits[byte] & (1 << bit):
                 self._bits[byte] |= 1 << bit
                 self._count += 1
+                newly.append(r)
+        return newly
+
+    def raw_bits(self) -> bytes:
+        """The bits, region 0 in bit 0 of byte 0 (the persisted layout)."""
+        return bytes(self._bits)
+
+    def load_bits(self, bits: bytes) -> None:
+        """Replace the bits (from :meth:`raw_bits` of the same geometry)."""
+        if len(bits) != len(self._bits):
+            raise ValueError(f"bitmap of {len(bits)} bytes, expected {len(self._bits)}")
+        self._bits = bytearray(bits)
+        # Bits past the last region must be zero.
+        extra = len(self._bits) * 8 - self.regions
+        if extra:
+            self._bits[-1] &= (1 << (8 - extra)) - 1
+        self._count = sum(bin(b).count("1") for b in self._bits)
 
     def is_dirty(self, region: int) -> bool:
         byte, bit = divmod(region, 8)

@@ -187,6 +187,7 @@ class PrimaryCore:
         last_seq: int = 0,
         peer_outdated: bool = False,
         peers: tuple[str, ...] = ("peer",),
+        bitmaps: dict[str, DirtyBitmap] | None = None,
     ) -> None:
         if not peers or len(set(peers)) != len(peers):
             raise ValueError("peers must be a non-empty tuple of distinct names")
@@ -201,10 +202,11 @@ class PrimaryCore:
         self._cum_total = 0
         self._cum_before_first = 0
         self._pending: dict[int, LogEntry] = {}
+        loaded = bitmaps or {}
         self.peers: dict[str, PeerState] = {
             name: PeerState(
                 name,
-                DirtyBitmap(size_bytes, policy.region_bytes),
+                loaded.get(name) or DirtyBitmap(size_bytes, policy.region_bytes),
                 applied=last_seq,
                 durable=last_seq,
                 sent=last_seq,
@@ -214,6 +216,26 @@ class PrimaryCore:
         }
         self.degraded_allowed = False
         self.stats = PrimaryStats()
+        # Regions that became dirty since the shell last asked (it persists
+        # them write-ahead), and peers whose bitmap was cleared since.
+        self._new_dirty: dict[str, list[int]] = {name: [] for name in peers}
+        self._cleared: set[str] = set()
+
+    def _mark(self, p: PeerState, offset: int, length: int) -> None:
+        self._new_dirty[p.name].extend(p.bitmap.mark(offset, length))
+
+    def take_new_dirty(self) -> dict[str, list[int]]:
+        """Regions newly marked dirty per peer since the last call (to persist
+        before the write that dirtied them is applied locally)."""
+        out = {name: regions for name, regions in self._new_dirty.items() if regions}
+        for name in out:
+            self._new_dirty[name] = []
+        return out
+
+    def take_cleared(self) -> set[str]:
+        """Peers whose bitmap was cleared (caught up) since the last call."""
+        out, self._cleared = self._cleared, set()
+        return out
 
     # ------------------------------------------------------------ peer access
 
@@ -369,7 +391,7 @@ class PrimaryCore:
             for seq in range(max(p.durable + 1, self._log_first), self.last_seq + 1):
                 e = self._log.get(seq)
                 if e is not None:
-                    p.bitmap.mark(e.offset, e.length)
+                    self._mark(p, e.offset, e.length)
             p.outdated = True
             p.cum_applied = p.cum_sent = self._cum_total
             self.stats.went_outdated += 1
@@ -392,7 +414,7 @@ class PrimaryCore:
         e = LogEntry(seq, kind, offset, length, fua, data, now_s, self._cum_total)
         for p in self.peers.values():
             if p.outdated or not p.connected:
-                p.bitmap.mark(offset, length)
+                self._mark(p, offset, length)
             if p.outdated:
                 p.cum_applied = p.cum_sent = self._cum_total
         if self._all_outdated():
@@ -427,7 +449,7 @@ class PrimaryCore:
         e = self._pending.pop(seq, None)
         if e is not None:
             for p in self.peers.values():
-                p.bitmap.mark(e.offset, e.length)
+                self._mark(p, e.offset, e.length)
 
     def _collect(self, candidates: list[LogEntry] | None = None) -> list[int]:
         done = []
@@ -497,7 +519,7 @@ class PrimaryCore:
         if not p.outdated:
             for seq in range(max(p.applied + 1, self._log_first), self.last_seq + 1):
                 e = self._log[seq]
-                p.bitmap.mark(e.offset, e.length)
+                self._mark(p, e.offset, e.length)
         return self._collect()
 
     def next_batch(self, peer: str | None = None) -> Writes | None:
@@ -575,8 +597,10 @@ class PrimaryCore:
     def _maybe_clear_bitmap(self, p: PeerState) -> None:
         # Every write went through the log in order and the peer applied them
         # all, so the regions marked while it was away are no longer dirty.
-        if not p.outdated and p.connected and p.applied == self.last_seq:
+        if not p.outdated and p.connected and p.applied == self.last_seq and p.bitmap.dirty_regions:
             p.bitmap.clear()
+            self._new_dirty[p.name] = []
+            self._cleared.add(p.name)
 
     # ------------------------------------------------------------------- flush
 

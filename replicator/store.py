@@ -352,6 +352,10 @@ class AsyncStore:
                 f"({self._failed}); stop the daemon and check the disk"
             )
 
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run another blocking call (metadata, bitmap) on the store's workers."""
+        return await self._run(fn, *args)
+
     async def read(self, offset: int, length: int) -> bytes:
         cached = self.store.read_nowait(offset, length)
         if cached is not None:

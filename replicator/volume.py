@@ -34,6 +34,8 @@ from geoclus.errors import (
     ProtocolError,
     StoreError,
 )
+from replicator.bitmap import DirtyBitmap
+from replicator.bitmapfile import BitmapFile
 from replicator.frames import (
     HELLO_FLAG_CLEAN,
     Ack,
@@ -111,6 +113,12 @@ class VolumeSpec:
     timers: LinkTimers = field(default_factory=LinkTimers)
     # Test-only faults (see TEST_FAULTS); empty in production.
     faults: frozenset[str] = frozenset()
+    # The persisted dirty bitmap (docs/format.md); default: STORE.bitmap.
+    bitmap_path: str | None = None
+
+    @property
+    def bitmap_file_path(self) -> str:
+        return self.bitmap_path or self.store_path + ".bitmap"
 
 
 # Faults a test may switch on to show that a check catches a broken rule.
@@ -184,8 +192,16 @@ class ReplicatedVolume:
         state: VolumeMeta,
         *,
         replaying: bool,
+        bitmap_file: BitmapFile | None = None,
+        bitmap: DirtyBitmap | None = None,
     ) -> None:
         self.spec = spec
+        self.bitmap_file = bitmap_file
+        # Write-ahead barrier for the bitmap: pages waiting to be made durable,
+        # and whether a persist is running (writers wait while it is).
+        self._bitmap_pending: set[int] = set()
+        self._bitmap_busy = False
+        self._bitmap_idle = trio.Event()
         self.store = store
         self.meta = meta
         self.state = state
@@ -216,7 +232,11 @@ class ReplicatedVolume:
         self.was_clean = False
         if spec.role == Role.PRIMARY:
             self.primary = PrimaryCore(
-                spec.policy, spec.size_bytes, last_seq=state.seq, peer_outdated=state.outdated
+                spec.policy,
+                spec.size_bytes,
+                last_seq=state.seq,
+                peer_outdated=state.outdated,
+                bitmaps={"peer": bitmap} if bitmap is not None else None,
             )
         else:
             self.secondary = SecondaryCore(
@@ -253,6 +273,7 @@ class ReplicatedVolume:
         except BaseException:
             meta.close()
             raise
+        bitmap_file = None
         try:
             role_code = ROLE_PRIMARY if spec.role == Role.PRIMARY else ROLE_SECONDARY
             replaying = False
@@ -318,12 +339,26 @@ class ReplicatedVolume:
                             prev.seq,
                         )
             was_clean = prev is not None and prev.clean
+            bitmap_file = BitmapFile(
+                spec.bitmap_file_path, spec.size_bytes, spec.policy.region_bytes
+            )
+            bitmap = bitmap_file.open()
             state = meta.write(state)
         except BaseException:
             fstore.close()
             meta.close()
+            if bitmap_file is not None:
+                bitmap_file.close()
             raise
-        vol = cls(spec, AsyncStore(fstore), meta, state, replaying=replaying)
+        vol = cls(
+            spec,
+            AsyncStore(fstore),
+            meta,
+            state,
+            replaying=replaying,
+            bitmap_file=bitmap_file,
+            bitmap=bitmap,
+        )
         vol.was_clean = was_clean
         return vol
 
@@ -421,6 +456,7 @@ class ReplicatedVolume:
                 raise GeoclusError(f"volume {self.spec.name} is shutting down; write refused")
             await self._wait_changed()
         seq = core.submit(kind, offset, length, data, fua, start)
+        self._note_bitmap_changes()
         blockers = self._overlap.add(seq, offset, length)
         local_done = trio.Event()
         self._local_done_events[seq] = local_done
@@ -433,6 +469,9 @@ class ReplicatedVolume:
             # local apply must run to its end even if the requester goes away,
             # or later overlapping writes would wait forever.
             with trio.CancelScope(shield=True):
+                # Write-ahead: a region's dirty bit is durable before data lands.
+                if self._bitmap_pending or self._bitmap_busy:
+                    await self._flush_bitmap()
                 for b in blockers:
                     ev = self._local_done_events.get(b)
                     if ev is not None:
@@ -453,6 +492,40 @@ class ReplicatedVolume:
             self.write_latency.add(trio.current_time() - start)
         finally:
             self.in_flight_writes -= 1
+
+    # ------------------------------------------------------------------ bitmap
+
+    def _note_bitmap_changes(self) -> None:
+        """Queue the bitmap pages the core changed (synchronous, so a writer that
+        comes next sees the barrier before anything yields)."""
+        core, bf = self.primary, self.bitmap_file
+        if core is None or bf is None:
+            return
+        for regions in core.take_new_dirty().values():
+            self._bitmap_pending |= bf.pages_of(regions)
+        if core.take_cleared():
+            self._bitmap_pending |= set(bf.pages_with_bits)
+
+    async def _flush_bitmap(self) -> None:
+        """Make every queued bitmap page durable (group commit: one fdatasync
+        for all pages queued when it starts); waits for a running one first."""
+        core, bf = self.primary, self.bitmap_file
+        if core is None or bf is None:
+            self._bitmap_pending.clear()
+            return
+        while self._bitmap_pending or self._bitmap_busy:
+            if self._bitmap_busy:
+                await self._bitmap_idle.wait()
+                continue
+            self._bitmap_busy = True
+            pages, self._bitmap_pending = self._bitmap_pending, set()
+            bits = core.peer.bitmap.raw_bits()  # snapshot on the loop thread
+            try:
+                await self.store.run_blocking(bf.persist, bits, pages)
+            finally:
+                self._bitmap_busy = False
+                idle, self._bitmap_idle = self._bitmap_idle, trio.Event()
+                idle.set()
 
     # ----------------------------------------------------------- primary link
 
@@ -504,6 +577,9 @@ class ReplicatedVolume:
                 self.connected_peer = None
                 if self.primary is not None:
                     self._complete(self.primary.peer_lost())
+                    self._note_bitmap_changes()
+                    with trio.CancelScope(shield=True):
+                        await self._flush_bitmap()
                 self._notify()
                 if channel is not None:
                     await channel.aclose()
@@ -582,6 +658,9 @@ class ReplicatedVolume:
             msg = await ch.receive()
             if isinstance(msg, Ack):
                 self._complete(core.on_ack(msg))
+                self._note_bitmap_changes()
+                if self._bitmap_pending:
+                    await self._flush_bitmap()
                 self._notify()
             elif isinstance(msg, Pong):
                 self.rtt.add(max(0.0, (time.monotonic_ns() - msg.sent_ns) / 1e9))
@@ -907,6 +986,8 @@ class ReplicatedVolume:
                 log.error("volume %s: final sync failed: %s", self.spec.name, exc)
                 self.store.close()
                 self.meta.close()
+                if self.bitmap_file is not None:
+                    self.bitmap_file.close()
                 self._closed = True
                 return
             if core is not None:
@@ -919,9 +1000,13 @@ class ReplicatedVolume:
             else:
                 assert self.secondary is not None
                 new = replace(self.state, clean=not self._replaying, seq=self.secondary.applied_seq)
+            self._note_bitmap_changes()
+            await self._flush_bitmap()
             self.state = await trio.to_thread.run_sync(self.meta.write, new)
             self.store.close()
             self.meta.close()
+            if self.bitmap_file is not None:
+                self.bitmap_file.close()
             self._closed = True
 
 
