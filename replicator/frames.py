@@ -39,6 +39,9 @@ DEFAULT_MAX_PAYLOAD_BYTES = 16 * 1024 * 1024 + 256 * 1024
 MAX_BATCH_ENTRIES = 8192
 # Names and reasons are for humans; no legitimate one is long.
 MAX_NAME_BYTES = 255
+# A lineage (docs/generations.md) is at most 9 generations of 17 bytes plus a
+# small header; anything longer is not one.
+MAX_LINEAGE_BYTES = 512
 MAX_REASON_BYTES = 1024
 
 
@@ -91,12 +94,17 @@ class Hello:
     applied_seq: int
     durable_seq: int
     node: str
+    # The sender's encoded generation lineage (replicator.genfile); empty when
+    # the sender has none to offer.
+    lineage: bytes = b""
 
     def __post_init__(self) -> None:
         if len(self.volume_id) != 16:
             raise ValueError("volume_id must be 16 bytes")
         if len(self.node.encode()) > MAX_NAME_BYTES:
             raise ValueError("node name too long")
+        if len(self.lineage) > MAX_LINEAGE_BYTES:
+            raise ValueError("lineage too long")
 
 
 @dataclass(frozen=True)
@@ -245,7 +253,8 @@ def encode_payload(msg: Message) -> tuple[FrameType, list[bytes | memoryview]]:
             msg.applied_seq,
             msg.durable_seq,
         )
-        return FrameType.HELLO, [head + _encode_str(msg.node, MAX_NAME_BYTES)]
+        tail = _STRLEN.pack(len(msg.lineage)) + msg.lineage if msg.lineage else b""
+        return FrameType.HELLO, [head + _encode_str(msg.node, MAX_NAME_BYTES) + tail]
     if isinstance(msg, Welcome):
         return FrameType.WELCOME, [_WELCOME.pack(msg.version, msg.resume_seq, msg.primary_seq)]
     if isinstance(msg, Refuse):
@@ -341,14 +350,34 @@ def decode_payload(
             _HELLO.unpack_from(payload, 0)
         )
         node, end = _decode_str(payload, _HELLO.size, MAX_NAME_BYTES, "HELLO node")
+        lineage = b""
         if end != len(payload):
-            raise ProtocolError("HELLO: trailing bytes")
+            if end + 2 > len(payload):
+                raise ProtocolError("HELLO: truncated lineage length")
+            (n,) = _STRLEN.unpack_from(payload, end)
+            if n == 0 or n > MAX_LINEAGE_BYTES:
+                raise ProtocolError(f"HELLO: lineage of {n} bytes (1..{MAX_LINEAGE_BYTES})")
+            if end + 2 + n != len(payload):
+                raise ProtocolError("HELLO: truncated lineage or trailing bytes")
+            lineage = bytes(payload[end + 2 : end + 2 + n])
         try:
             role_e, mode_e = Role(role), Mode(mode)
         except ValueError:
             raise ProtocolError(f"HELLO: unknown role {role} or mode {mode}") from None
         return Hello(
-            pmin, pmax, role_e, mode_e, flags, bsize, size, vid, gen, applied, durable, node
+            pmin,
+            pmax,
+            role_e,
+            mode_e,
+            flags,
+            bsize,
+            size,
+            vid,
+            gen,
+            applied,
+            durable,
+            node,
+            lineage,
         )
     if ftype == FrameType.WELCOME:
         return Welcome(*_exact(payload, _WELCOME, "WELCOME"))

@@ -113,6 +113,17 @@ def on_promote(
     )
 
 
+def on_crash_restart(s: GenState, new_id: int, now_ns: int) -> GenState:
+    """A primary restarts after a crash: writes it shipped may be missing from
+    its own disk and the other way round, and nothing records which regions.
+    A new generation whose bitmap covers only what comes after it, so the
+    decision asks for a full sync, never a wrong delta."""
+    history = (s.current, *s.history)[:MAX_HISTORY]
+    return replace(
+        s, current=Generation(new_id, now_ns, Cause.DIVERGE), history=history, bitmap_base=new_id
+    )
+
+
 def on_demote(s: GenState) -> GenState:
     return replace(s, primary=False)
 

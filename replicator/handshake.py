@@ -22,7 +22,9 @@ def check_hello(local: Hello, remote: Hello) -> str | None:
     says what differs and what the operator should do about it.
 
     Checks, in order: protocol version overlap, volume id, size, block size,
-    roles (exactly one primary), mode, and generation (the same data history).
+    roles (exactly one primary), mode. The data histories are compared by the
+    generation decision (:func:`replicator.generations.decide`) on the lineages
+    both HELLOs carry; a peer without a lineage must have the same generation.
     """
     if negotiate_version(local, remote) is None:
         return (
@@ -54,7 +56,8 @@ def check_hello(local: Hello, remote: Hello) -> str | None:
             f"mode mismatch: ours {local.mode.name.lower()}, the peer's "
             f"{remote.mode.name.lower()}; set the same [volume] mode on both sites"
         )
-    if local.generation != remote.generation:
+    if not local.lineage and not remote.lineage and local.generation != remote.generation:
+        # Without lineages only the current generations can be compared.
         return (
             f"generation mismatch: ours {local.generation:#x}, the peer's "
             f"{remote.generation:#x}; the copies hold different data histories and "
@@ -75,6 +78,7 @@ def make_hello(
     applied_seq: int,
     durable_seq: int,
     node: str,
+    lineage: bytes = b"",
 ) -> Hello:
     """Build this side's HELLO with the protocol versions we speak."""
     from replicator.frames import Mode
@@ -92,4 +96,5 @@ def make_hello(
         applied_seq,
         durable_seq,
         node,
+        lineage,
     )

@@ -220,6 +220,7 @@ class PrimaryCore:
         # them write-ahead), and peers whose bitmap was cleared since.
         self._new_dirty: dict[str, list[int]] = {name: [] for name in peers}
         self._cleared: set[str] = set()
+        self._went_outdated: set[str] = set()
 
     def _mark(self, p: PeerState, offset: int, length: int) -> None:
         self._new_dirty[p.name].extend(p.bitmap.mark(offset, length))
@@ -231,6 +232,28 @@ class PrimaryCore:
         for name in out:
             self._new_dirty[name] = []
         return out
+
+    def take_went_outdated(self) -> set[str]:
+        """Peers that went outdated since the last call (their data history
+        now diverges from ours: the shell starts a new generation)."""
+        out, self._went_outdated = self._went_outdated, set()
+        return out
+
+    def peer_connected_for_resync(
+        self, remote: Hello, version: int, peer: str | None = None
+    ) -> Welcome:
+        """The generation decision says ``peer`` must be resynced from us: accept
+        the connection but treat the peer as outdated (nothing is shipped until
+        a resync brings it back)."""
+        p = self._peer(peer)
+        p.connected = True
+        self.stats.connects += 1
+        p.flush_sent = 0
+        if not p.outdated:
+            self.go_outdated(p.name)
+        p.applied = p.sent = remote.applied_seq
+        p.durable = min(remote.durable_seq, remote.applied_seq)
+        return Welcome(version, remote.applied_seq + 1, self.last_seq)
 
     def take_cleared(self) -> set[str]:
         """Peers whose bitmap was cleared (caught up) since the last call."""
@@ -395,6 +418,7 @@ class PrimaryCore:
             p.outdated = True
             p.cum_applied = p.cum_sent = self._cum_total
             self.stats.went_outdated += 1
+            self._went_outdated.add(p.name)
         self._trim()
 
     def submit(

@@ -55,6 +55,19 @@ from replicator.frames import (
     WriteKind,
     Writes,
 )
+from replicator.generations import (
+    Action,
+    Cause,
+    Decision,
+    Generation,
+    GenState,
+    decide,
+    fresh,
+    on_crash_restart,
+    on_write_unreplicated,
+    unknown_copy,
+)
+from replicator.genfile import GenFile, decode_genstate, encode_genstate
 from replicator.handshake import check_hello, make_hello, negotiate_version
 from replicator.latency import LatencyRecorder
 from replicator.meta import ROLE_PRIMARY, ROLE_SECONDARY, MetaFile, VolumeMeta
@@ -119,6 +132,11 @@ class VolumeSpec:
     @property
     def bitmap_file_path(self) -> str:
         return self.bitmap_path or self.store_path + ".bitmap"
+
+    @property
+    def gens_file_path(self) -> str:
+        """The generation lineage (docs/generations.md): STORE.gens."""
+        return self.store_path + ".gens"
 
 
 # Faults a test may switch on to show that a check catches a broken rule.
@@ -194,9 +212,15 @@ class ReplicatedVolume:
         replaying: bool,
         bitmap_file: BitmapFile | None = None,
         bitmap: DirtyBitmap | None = None,
+        genfile: GenFile | None = None,
+        gens: GenState | None = None,
     ) -> None:
         self.spec = spec
         self.bitmap_file = bitmap_file
+        self.genfile = genfile
+        self.gens = gens or fresh(spec.role == Role.PRIMARY)
+        self._gens_pending = False
+        self.last_decision: Decision | None = None
         # Write-ahead barrier for the bitmap: pages waiting to be made durable,
         # and whether a persist is running (writers wait while it is).
         self._bitmap_pending: set[int] = set()
@@ -274,6 +298,7 @@ class ReplicatedVolume:
             meta.close()
             raise
         bitmap_file = None
+        genfile = None
         try:
             role_code = ROLE_PRIMARY if spec.role == Role.PRIMARY else ROLE_SECONDARY
             replaying = False
@@ -343,12 +368,34 @@ class ReplicatedVolume:
                 spec.bitmap_file_path, spec.size_bytes, spec.policy.region_bytes
             )
             bitmap = bitmap_file.open()
+            genfile = GenFile(spec.gens_file_path)
+            gens = genfile.open()
+            is_primary = spec.role == Role.PRIMARY
+            if gens is None:
+                if prev is None:
+                    gens = (
+                        fresh(is_primary)
+                        if fstore.info.created
+                        else unknown_copy(state.generation, time.time_ns(), is_primary)
+                    )
+                else:  # metadata written before lineages were kept
+                    gens = GenState(
+                        Generation(prev.generation, prev.created_ns, Cause.CREATE),
+                        primary=is_primary,
+                    )
+            if prev is not None and not prev.clean and is_primary:
+                gens = on_crash_restart(gens, state.generation, time.time_ns())
+            gens = replace(gens, primary=is_primary)
+            genfile.write(gens)
+            state = replace(state, generation=gens.current.id)
             state = meta.write(state)
         except BaseException:
             fstore.close()
             meta.close()
             if bitmap_file is not None:
                 bitmap_file.close()
+            if genfile is not None:
+                genfile.close()
             raise
         vol = cls(
             spec,
@@ -358,6 +405,8 @@ class ReplicatedVolume:
             replaying=replaying,
             bitmap_file=bitmap_file,
             bitmap=bitmap,
+            genfile=genfile,
+            gens=gens,
         )
         vol.was_clean = was_clean
         return vol
@@ -469,8 +518,9 @@ class ReplicatedVolume:
             # local apply must run to its end even if the requester goes away,
             # or later overlapping writes would wait forever.
             with trio.CancelScope(shield=True):
-                # Write-ahead: a region's dirty bit is durable before data lands.
-                if self._bitmap_pending or self._bitmap_busy:
+                # Write-ahead: a region's dirty bit (and a new generation) is
+                # durable before data lands.
+                if self._bitmap_pending or self._gens_pending or self._bitmap_busy:
                     await self._flush_bitmap()
                 for b in blockers:
                     ev = self._local_done_events.get(b)
@@ -493,6 +543,22 @@ class ReplicatedVolume:
         finally:
             self.in_flight_writes -= 1
 
+    def _decide(self, remote: Hello) -> Decision:
+        """The generation decision for this peer (docs/generations.md)."""
+        if not remote.lineage:
+            # An older peer: only the current generation can be compared.
+            same = remote.generation == self.gens.current.id
+            return Decision(
+                Action.IN_SYNC if same else Action.UNRELATED,
+                "same generation"
+                if same
+                else "the peer sent no lineage and its generation differs",
+            )
+        decoded = decode_genstate(remote.lineage)
+        if decoded is None:
+            raise ProtocolError("HELLO carries a lineage that does not decode")
+        return decide(self.gens, decoded[1])
+
     # ------------------------------------------------------------------ bitmap
 
     def _note_bitmap_changes(self) -> None:
@@ -503,8 +569,17 @@ class ReplicatedVolume:
             return
         for regions in core.take_new_dirty().values():
             self._bitmap_pending |= bf.pages_of(regions)
+        if core.take_went_outdated():
+            # The peer can no longer follow through the log: our data history
+            # diverges from its from here on (a new generation, written ahead).
+            before = self.gens
+            self.gens = on_write_unreplicated(self.gens, _new_generation(), time.time_ns())
+            self._gens_pending |= self.gens is not before
         if core.take_cleared():
             self._bitmap_pending |= set(bf.pages_with_bits)
+            if self.gens.bitmap_base is not None and not core.outdated:
+                self.gens = replace(self.gens, bitmap_base=None, changes=0)
+                self._gens_pending = True
 
     async def _flush_bitmap(self) -> None:
         """Make every queued bitmap page durable (group commit: one fdatasync
@@ -513,15 +588,22 @@ class ReplicatedVolume:
         if core is None or bf is None:
             self._bitmap_pending.clear()
             return
-        while self._bitmap_pending or self._bitmap_busy:
+        while self._bitmap_pending or self._gens_pending or self._bitmap_busy:
             if self._bitmap_busy:
                 await self._bitmap_idle.wait()
                 continue
             self._bitmap_busy = True
             pages, self._bitmap_pending = self._bitmap_pending, set()
             bits = core.peer.bitmap.raw_bits()  # snapshot on the loop thread
+            gens = None
+            if self._gens_pending:
+                self._gens_pending = False
+                gens = replace(self.gens, changes=core.peer.bitmap.dirty_regions)
             try:
-                await self.store.run_blocking(bf.persist, bits, pages)
+                if pages:
+                    await self.store.run_blocking(bf.persist, bits, pages)
+                if gens is not None and self.genfile is not None:
+                    await self.store.run_blocking(self.genfile.write, gens)
             finally:
                 self._bitmap_busy = False
                 idle, self._bitmap_idle = self._bitmap_idle, trio.Event()
@@ -547,6 +629,7 @@ class ReplicatedVolume:
             applied_seq=applied,
             durable_seq=durable,
             node=self.spec.node,
+            lineage=encode_genstate(self.gens, 0),
         )
 
     async def run_primary_link(self, connect: Connector, peer_label: str = "peer") -> None:
@@ -609,10 +692,31 @@ class ReplicatedVolume:
             raise HandshakeRefused(reason)
         version = negotiate_version(local, remote)
         assert version is not None
-        answer = core.peer_connected(remote, version)
+        answer: Welcome | Refuse
+        decision = self._decide(remote)
+        self.last_decision = decision
+        if decision.action is Action.IN_SYNC:
+            answer = core.peer_connected(remote, version)
+        elif decision.action is Action.RESYNC and decision.source == "local":
+            kind = "full" if decision.full else "delta"
+            log.warning(
+                "volume %s: peer %s needs a %s resync from this copy (%s); it stays "
+                "outdated until then",
+                self.spec.name,
+                remote.node,
+                kind,
+                decision.reason,
+            )
+            answer = core.peer_connected_for_resync(remote, version)
+        else:
+            answer = Refuse(f"{decision.action.value}: {decision.reason}")
         await ch.send(answer)
         if isinstance(answer, Refuse):
             raise HandshakeRefused(answer.reason)
+        self._note_bitmap_changes()
+        if self._bitmap_pending or self._gens_pending:
+            with trio.CancelScope(shield=True):
+                await self._flush_bitmap()
         if core.outdated:
             log.warning(
                 "volume %s: peer %s is outdated (needs resync); not shipping writes",
@@ -659,7 +763,7 @@ class ReplicatedVolume:
             if isinstance(msg, Ack):
                 self._complete(core.on_ack(msg))
                 self._note_bitmap_changes()
-                if self._bitmap_pending:
+                if self._bitmap_pending or self._gens_pending:
                     await self._flush_bitmap()
                 self._notify()
             elif isinstance(msg, Pong):
@@ -1007,6 +1111,8 @@ class ReplicatedVolume:
             self.meta.close()
             if self.bitmap_file is not None:
                 self.bitmap_file.close()
+            if self.genfile is not None:
+                self.genfile.close()
             self._closed = True
 
 

@@ -1,0 +1,117 @@
+"""Lineages in the volume shell: persisted, carried in HELLO, decided at connect."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import trio
+
+from replicator.frames import Mode, Role
+from replicator.generations import FRESH, Action, Cause, Generation, GenState
+from replicator.genfile import GenFile
+from replicator.meta import MetaFile
+from replicator.session import ReplicationPolicy
+from replicator.volume import ReplicatedVolume
+from tests.test_volume import Link, spec, wait_for
+
+
+def stored(path: str) -> GenState | None:
+    f = GenFile(path)
+    try:
+        return f.open()
+    finally:
+        f.close()
+
+
+async def test_new_volumes_start_fresh_and_in_sync(tmp_path) -> None:
+    policy = ReplicationPolicy(mode=Mode.SYNC)
+    async with trio.open_nursery() as n:
+        a = await ReplicatedVolume.open(spec(tmp_path, "a", Role.PRIMARY, policy))
+        b = await ReplicatedVolume.open(spec(tmp_path, "b", Role.SECONDARY, policy))
+        assert a.gens.current.id == b.gens.current.id == FRESH
+        link = Link(n, b)
+        n.start_soon(a.run_primary_link, link.connect, "b")
+        await wait_for(lambda: a.connected_peer is not None)
+        assert a.last_decision is not None and a.last_decision.action is Action.IN_SYNC
+        n.cancel_scope.cancel()
+
+
+async def test_pull_ahead_starts_a_generation_and_reconnect_decides_delta(tmp_path) -> None:
+    policy = ReplicationPolicy(mode=Mode.ASYNC, on_congestion="pull-ahead", max_lag_bytes=16 * 1024)
+    async with trio.open_nursery() as n:
+        a = await ReplicatedVolume.open(spec(tmp_path, "a", Role.PRIMARY, policy))
+        b = await ReplicatedVolume.open(spec(tmp_path, "b", Role.SECONDARY, policy))
+        link = Link(n, b)
+        link.up = False
+        n.start_soon(a.run_primary_link, link.connect, "b")
+        for i in range(10):  # overflows the 16 KiB log: the peer goes outdated
+            await a.write(i * 4096, b"\x07" * 4096)
+        on_disk = stored(a.spec.gens_file_path)
+        assert on_disk is not None
+        assert on_disk.current.id != FRESH and on_disk.current.cause is Cause.DIVERGE
+        assert on_disk.bitmap_base == FRESH and on_disk.changes > 0  # written ahead
+        link.up = True
+        await wait_for(lambda: a.connected_peer is not None)
+        d = a.last_decision
+        assert d is not None and d.action is Action.RESYNC and d.source == "local"
+        assert not d.full and d.bitmaps == frozenset({"local"})
+        assert a.status()["peer_outdated"] is True
+        n.cancel_scope.cancel()
+
+
+async def test_crashed_primary_needs_a_full_resync(tmp_path) -> None:
+    # Async: the write before the "crash" completes without a peer.
+    policy = ReplicationPolicy(mode=Mode.ASYNC)
+    s_a = spec(tmp_path, "a", Role.PRIMARY, policy)
+    a = await ReplicatedVolume.open(s_a)
+    await a.write(0, b"\x01" * 512)
+    # "Crash": close the files without the clean-shutdown record.
+    a.meta.close()
+    a.store.close()
+    assert a.bitmap_file is not None and a.genfile is not None
+    a.bitmap_file.close()
+    a.genfile.close()
+    m = MetaFile(s_a.meta_path)
+    assert m.open().clean is False  # the metadata still says "running"
+    m.close()
+    a2 = await ReplicatedVolume.open(s_a)
+    assert a2.gens.current.id != FRESH and a2.gens.history[0].id == FRESH
+    b = await ReplicatedVolume.open(spec(tmp_path, "b", Role.SECONDARY, policy))
+    async with trio.open_nursery() as n:
+        link = Link(n, b)
+        n.start_soon(a2.run_primary_link, link.connect, "b")
+        await wait_for(lambda: a2.last_decision is not None)
+        d = a2.last_decision
+        assert d.action is Action.RESYNC and d.full  # nothing says which regions differ
+        n.cancel_scope.cancel()
+
+
+async def test_split_brain_is_refused_with_its_reason(tmp_path) -> None:
+    policy = ReplicationPolicy(mode=Mode.ASYNC)
+    a = await ReplicatedVolume.open(spec(tmp_path, "a", Role.PRIMARY, policy))
+    b = await ReplicatedVolume.open(spec(tmp_path, "b", Role.SECONDARY, policy))
+    # Both changed data on their own since FRESH (as after a promotion of b
+    # while a kept writing): give each its own divergent generation.
+    fresh_gen = Generation(FRESH, 0, Cause.CREATE)
+    a.gens = GenState(
+        Generation(111, 5, Cause.DIVERGE), (fresh_gen,), bitmap_base=FRESH, changes=3, primary=True
+    )
+    b.gens = GenState(Generation(222, 6, Cause.PROMOTE), (fresh_gen,), bitmap_base=FRESH, changes=2)
+    async with trio.open_nursery() as n:
+        link = Link(n, b)
+        n.start_soon(a.run_primary_link, link.connect, "b")
+        await wait_for(lambda: "split" in (a.last_error or ""))
+        assert a.last_decision is not None and a.last_decision.action is Action.SPLIT_BRAIN
+        assert "resolve --discard-local" in a.last_error
+        assert a.connected_peer is None and b.secondary is not None
+        assert b.secondary.applied_seq == 0  # nothing was applied
+        n.cancel_scope.cancel()
+    # Resolved by the operator on b: the next decision rolls b back.
+    b.gens = replace(b.gens, discard=True)
+    async with trio.open_nursery() as n:
+        link = Link(n, b)
+        n.start_soon(a.run_primary_link, link.connect, "b")
+        await wait_for(lambda: a.connected_peer is not None)
+        d = a.last_decision
+        assert d is not None and d.action is Action.RESYNC and d.resolved_by == "operator"
+        n.cancel_scope.cancel()
