@@ -55,6 +55,7 @@ class FrameType(enum.IntEnum):
     PING = 7
     PONG = 8
     BYE = 9
+    RESYNC_DONE = 10
 
 
 class Role(enum.IntEnum):
@@ -107,14 +108,31 @@ class Hello:
             raise ValueError("lineage too long")
 
 
+WELCOME_FLAG_RESYNC = 0x01  # the peer is a resync target: rebase and mark inconsistent
+
+
 @dataclass(frozen=True)
 class Welcome:
     """The primary accepts the secondary's HELLO: it will send writes from
-    ``resume_seq`` on; its newest sequence number is ``primary_seq``."""
+    ``resume_seq`` on; its newest sequence number is ``primary_seq``. With
+    ``WELCOME_FLAG_RESYNC`` the secondary is a resync target: it continues at
+    ``resume_seq`` whatever it applied before, and is inconsistent until the
+    resync is done."""
 
     version: int
     resume_seq: int
     primary_seq: int
+    flags: int = 0
+
+
+@dataclass(frozen=True)
+class ResyncDone:
+    """Every dirty region has been sequenced: the target is consistent again
+    once it has applied (and made durable) every write up to ``upto_seq``, and
+    then holds the data of ``lineage`` (the primary's encoded lineage)."""
+
+    upto_seq: int
+    lineage: bytes
 
 
 @dataclass(frozen=True)
@@ -184,10 +202,11 @@ class Bye:
     reason: str
 
 
-Message = Hello | Welcome | Refuse | Writes | Flush | Ack | Ping | Pong | Bye
+Message = Hello | Welcome | Refuse | Writes | Flush | Ack | Ping | Pong | Bye | ResyncDone
 
 _HELLO = struct.Struct(">HHBBBxIQ16sQQQ")
-_WELCOME = struct.Struct(">HxxQQ")
+_WELCOME = struct.Struct(">HHQQ")
+_RESYNC_DONE = struct.Struct(">Q")
 _ENTRY = struct.Struct(">QQIBBxx")
 _COUNT = struct.Struct(">I")
 _FLUSH = struct.Struct(">QQ")
@@ -256,7 +275,13 @@ def encode_payload(msg: Message) -> tuple[FrameType, list[bytes | memoryview]]:
         tail = _STRLEN.pack(len(msg.lineage)) + msg.lineage if msg.lineage else b""
         return FrameType.HELLO, [head + _encode_str(msg.node, MAX_NAME_BYTES) + tail]
     if isinstance(msg, Welcome):
-        return FrameType.WELCOME, [_WELCOME.pack(msg.version, msg.resume_seq, msg.primary_seq)]
+        return FrameType.WELCOME, [
+            _WELCOME.pack(msg.version, msg.flags, msg.resume_seq, msg.primary_seq)
+        ]
+    if isinstance(msg, ResyncDone):
+        return FrameType.RESYNC_DONE, [
+            _RESYNC_DONE.pack(msg.upto_seq) + _STRLEN.pack(len(msg.lineage)) + msg.lineage
+        ]
     if isinstance(msg, Refuse):
         return FrameType.REFUSE, [_encode_str(msg.reason, MAX_REASON_BYTES)]
     if isinstance(msg, Bye):
@@ -380,7 +405,18 @@ def decode_payload(
             lineage,
         )
     if ftype == FrameType.WELCOME:
-        return Welcome(*_exact(payload, _WELCOME, "WELCOME"))
+        version, flags, resume, primary_seq = _exact(payload, _WELCOME, "WELCOME")
+        if flags & ~WELCOME_FLAG_RESYNC:
+            raise ProtocolError(f"WELCOME: unknown flags {flags:#x}")
+        return Welcome(version, resume, primary_seq, flags)
+    if ftype == FrameType.RESYNC_DONE:
+        if len(payload) < _RESYNC_DONE.size + 2:
+            raise ProtocolError("RESYNC_DONE: truncated")
+        (upto,) = _RESYNC_DONE.unpack_from(payload, 0)
+        (n,) = _STRLEN.unpack_from(payload, _RESYNC_DONE.size)
+        if n > MAX_LINEAGE_BYTES or _RESYNC_DONE.size + 2 + n != len(payload):
+            raise ProtocolError("RESYNC_DONE: bad lineage length")
+        return ResyncDone(upto, bytes(payload[_RESYNC_DONE.size + 2 :]))
     if ftype in (FrameType.REFUSE, FrameType.BYE):
         what = FrameType(ftype).name
         reason, end = _decode_str(payload, 0, MAX_REASON_BYTES, what)

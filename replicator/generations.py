@@ -58,6 +58,7 @@ class GenState:
     * ``unknown``: the copy's data has no known history (a store found without
       metadata, a seed from a backup): it may only be a full-sync target.
     * ``primary``: the copy's current role.
+    * ``inconsistent``: a resync into this copy is under way (or was cut off).
     """
 
     current: Generation
@@ -67,6 +68,9 @@ class GenState:
     discard: bool = False
     unknown: bool = False
     primary: bool = False
+    # A resync into this copy started and has not finished: its image is a mix
+    # of old and new regions. It may only be a resync target.
+    inconsistent: bool = False
 
     @property
     def lineage(self) -> tuple[int, ...]:
@@ -144,6 +148,7 @@ def after_resync(target: GenState, source: GenState) -> tuple[GenState, GenState
         changes=0,
         discard=False,
         unknown=False,
+        inconsistent=False,
     )
     new_source = replace(source, bitmap_base=None, changes=0)
     return new_target, new_source
@@ -285,6 +290,23 @@ def decide(
                 s,
                 None,
                 f"the {side} copy has no known history: full sync from the {other}",
+            )
+    if local.inconsistent and peer.inconsistent:
+        return Decision(
+            Action.REFUSE,
+            "both copies are in the middle of a resync (neither holds a consistent "
+            "image); restore one from a backup",
+        )
+    for side, s in sides.items():
+        other = _other(side)
+        if s.inconsistent:
+            return _resync(
+                other,
+                sides[other],
+                s,
+                _first_common(local, peer),
+                f"the {side} copy was cut off in the middle of a resync: it resumes "
+                f"from the {other}",
             )
     if local.discard and peer.discard:
         return Decision(

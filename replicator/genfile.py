@@ -28,6 +28,7 @@ _FLAG_DISCARD = 0x1
 _FLAG_UNKNOWN = 0x2
 _FLAG_PRIMARY = 0x4
 _FLAG_BASE = 0x8  # bitmap_base is set
+_FLAG_INCONSISTENT = 0x10
 
 _CAUSE_CODE = {Cause.CREATE: 0, Cause.DIVERGE: 1, Cause.PROMOTE: 2, Cause.FORCE: 3}
 _CODE_CAUSE = {v: k for k, v in _CAUSE_CODE.items()}
@@ -40,6 +41,7 @@ def encode_genstate(s: GenState, counter: int) -> bytes:
         | (_FLAG_UNKNOWN if s.unknown else 0)
         | (_FLAG_PRIMARY if s.primary else 0)
         | (_FLAG_BASE if s.bitmap_base is not None else 0)
+        | (_FLAG_INCONSISTENT if s.inconsistent else 0)
     )
     parts = [
         _HEAD.pack(GEN_MAGIC, GEN_VERSION, flags, counter),
@@ -85,6 +87,7 @@ def decode_genstate(slot: bytes) -> tuple[int, GenState] | None:
         discard=bool(flags & _FLAG_DISCARD),
         unknown=bool(flags & _FLAG_UNKNOWN),
         primary=bool(flags & _FLAG_PRIMARY),
+        inconsistent=bool(flags & _FLAG_INCONSISTENT),
     )
     return counter, state
 

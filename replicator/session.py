@@ -35,6 +35,7 @@ from geoclus.errors import ProtocolError
 from replicator.bitmap import DEFAULT_REGION_BYTES, DirtyBitmap
 from replicator.frames import (
     ENTRY_HEADER_BYTES,
+    WELCOME_FLAG_RESYNC,
     Ack,
     Flush,
     Hello,
@@ -115,6 +116,10 @@ class LogEntry:
     local_done: bool = False
     completed: bool = False
     in_log: bool = True
+    # A resync entry is sequenced before its data is read; it is shipped only
+    # once ``ready`` (entries go out strictly in order, so later ones wait).
+    ready: bool = True
+    resync: bool = False
 
     @property
     def wire_bytes(self) -> int:
@@ -135,6 +140,7 @@ class PrimaryStats:
     entries_sent: int = 0
     resends: int = 0
     went_outdated: int = 0
+    resync_writes: int = 0
     max_lag_bytes_seen: int = 0
     max_lag_writes_seen: int = 0
     connects: int = 0
@@ -167,6 +173,15 @@ class PeerState:
     flush_sent: int = 0
     next_flush_id: int = 1
     last_flush_sent_s: float = 0.0
+    # Resync toward this peer: the regions to copy, how many are sequenced,
+    # and the sequence number after which it is consistent (set once all are).
+    resyncing: bool = False
+    resync_full: bool = False
+    resync_regions: list[int] = field(default_factory=list)
+    resync_next: int = 0
+    resync_total_bytes: int = 0
+    resync_done_bytes: int = 0
+    resync_last_seq: int | None = None
 
 
 class PrimaryCore:
@@ -254,6 +269,95 @@ class PrimaryCore:
         p.applied = p.sent = remote.applied_seq
         p.durable = min(remote.durable_seq, remote.applied_seq)
         return Welcome(version, remote.applied_seq + 1, self.last_seq)
+
+    def start_resync(
+        self, remote: Hello, version: int, *, full: bool, peer: str | None = None
+    ) -> Welcome:
+        """Begin a resync of ``peer`` from this copy.
+
+        The peer is rebased: it continues at our next sequence number, every
+        region that may differ (its bitmap, or every region for ``full``) is
+        re-sequenced as a write of its current content by the shell
+        (:meth:`next_resync_region`, :meth:`submit_resync`, :meth:`fill_resync`),
+        and new application writes are shipped in order around them. The peer
+        is inconsistent until it has applied and made durable everything up to
+        ``resync_last_seq``.
+        """
+        p = self._peer(peer)
+        p.connected = True
+        self.stats.connects += 1
+        p.flush_sent = 0
+        p.outdated = False
+        p.applied = p.sent = p.durable = self.last_seq
+        p.cum_applied = p.cum_sent = self._cum_total
+        self._trim()
+        regions = list(range(p.bitmap.regions)) if full else list(p.bitmap)
+        p.resyncing = True
+        p.resync_full = full
+        p.resync_regions = regions
+        p.resync_next = 0
+        p.resync_done_bytes = 0
+        p.resync_total_bytes = sum(self._region_span(r)[1] for r in regions)
+        p.resync_last_seq = None if regions else self.last_seq
+        return Welcome(version, self.last_seq + 1, self.last_seq, WELCOME_FLAG_RESYNC)
+
+    def _region_span(self, region: int) -> tuple[int, int]:
+        offset = region * self.policy.region_bytes
+        return offset, min(self.policy.region_bytes, self.size_bytes - offset)
+
+    def next_resync_region(self, peer: str | None = None) -> tuple[int, int] | None:
+        """(offset, length) of the next region to copy, or None when all are
+        sequenced (or no resync runs)."""
+        p = self._peer(peer)
+        if not p.resyncing or p.resync_next >= len(p.resync_regions):
+            return None
+        return self._region_span(p.resync_regions[p.resync_next])
+
+    def submit_resync(self, now_s: float, peer: str | None = None) -> int:
+        """Sequence the next region's copy (data to follow); return its seq."""
+        p = self._peer(peer)
+        span = self.next_resync_region(peer)
+        if span is None:
+            raise AssertionError("no resync region to submit")
+        offset, length = span
+        seq = self.submit(WriteKind.WRITE, offset, length, b"", False, now_s, resync=True)
+        p.resync_next += 1
+        p.resync_done_bytes += length
+        if p.resync_next == len(p.resync_regions):
+            p.resync_last_seq = seq
+        self.stats.resync_writes += 1
+        return seq
+
+    def fill_resync(self, seq: int, data: bytes) -> list[int]:
+        """The region copy ``seq`` was read: it may be shipped now."""
+        e = self._pending.get(seq) or self._log.get(seq)
+        if e is None:
+            return []
+        if len(data) != e.length:
+            raise AssertionError(f"resync data of {len(data)} bytes for a {e.length}-byte entry")
+        e.data = data
+        e.ready = True
+        return self.local_done(seq)
+
+    def take_resync_completed(self) -> set[str]:
+        """Peers whose resync just completed (everything up to its last entry is
+        durable there); their bitmaps are cleared."""
+        done = set()
+        for p in self.peers.values():
+            if (
+                p.resyncing
+                and p.connected
+                and p.resync_last_seq is not None
+                and p.durable >= p.resync_last_seq
+            ):
+                p.resyncing = False
+                p.resync_last_seq = None
+                if p.bitmap.dirty_regions:
+                    p.bitmap.clear()
+                    self._new_dirty[p.name] = []
+                    self._cleared.add(p.name)
+                done.add(p.name)
+        return done
 
     def take_cleared(self) -> set[str]:
         """Peers whose bitmap was cleared (caught up) since the last call."""
@@ -416,6 +520,8 @@ class PrimaryCore:
                 if e is not None:
                     self._mark(p, e.offset, e.length)
             p.outdated = True
+            p.resyncing = False  # a resync cut short starts over later
+            p.resync_last_seq = None
             p.cum_applied = p.cum_sent = self._cum_total
             self.stats.went_outdated += 1
             self._went_outdated.add(p.name)
@@ -429,15 +535,24 @@ class PrimaryCore:
         data: bytes,
         fua: bool,
         now_s: float,
+        *,
+        resync: bool = False,
     ) -> int:
-        """Sequence a write the caller has admitted; return its sequence number."""
+        """Sequence a write the caller has admitted; return its sequence number.
+
+        ``resync``: a copy of a region for a resync (data filled in later by
+        :meth:`fill_resync`); it marks no bitmap and counts as no application write.
+        """
         seq = self.last_seq + 1
         self.last_seq = seq
         wire = ENTRY_HEADER_BYTES + (length if kind == WriteKind.WRITE else 0)
         self._cum_total += wire
         e = LogEntry(seq, kind, offset, length, fua, data, now_s, self._cum_total)
+        if resync:
+            e.ready = False
+            e.resync = True
         for p in self.peers.values():
-            if p.outdated or not p.connected:
+            if (p.outdated or not p.connected) and not resync:
                 self._mark(p, offset, length)
             if p.outdated:
                 p.cum_applied = p.cum_sent = self._cum_total
@@ -449,6 +564,8 @@ class PrimaryCore:
             self._log[seq] = e
             self.log_bytes += wire
         self._pending[seq] = e
+        if resync:
+            return seq
         self.stats.writes += 1
         self.stats.bytes_written += length
         self.stats.max_lag_bytes_seen = max(self.stats.max_lag_bytes_seen, self.lag_bytes)
@@ -538,6 +655,11 @@ class PrimaryCore:
         if p.connected:
             self.stats.disconnects += 1
         p.connected = False
+        if p.resyncing:
+            # The resync starts over at the next connect (the decision will
+            # say so again: the target has not adopted our lineage).
+            p.resyncing = False
+            p.resync_last_seq = None
         p.sent = p.applied
         p.cum_sent = p.cum_applied
         if not p.outdated:
@@ -558,6 +680,8 @@ class PrimaryCore:
         seq = p.sent + 1
         while seq <= self.last_seq and len(entries) < self.policy.max_batch_entries:
             e = self._log[seq]
+            if not e.ready:
+                break  # a resync entry whose data is still being read
             # Always allow one entry if nothing is in flight, so a write larger
             # than the window still goes out.
             if (entries or p.cum_sent != p.cum_applied) and size + e.wire_bytes > budget:
@@ -621,7 +745,13 @@ class PrimaryCore:
     def _maybe_clear_bitmap(self, p: PeerState) -> None:
         # Every write went through the log in order and the peer applied them
         # all, so the regions marked while it was away are no longer dirty.
-        if not p.outdated and p.connected and p.applied == self.last_seq and p.bitmap.dirty_regions:
+        if (
+            not p.outdated
+            and not p.resyncing
+            and p.connected
+            and p.applied == self.last_seq
+            and p.bitmap.dirty_regions
+        ):
             p.bitmap.clear()
             self._new_dirty[p.name] = []
             self._cleared.add(p.name)
@@ -684,6 +814,8 @@ class SecondaryCore:
         and the crash campaign can show that they catch it. Never set it in
         production."""
         self._fault_out_of_order = fault_apply_out_of_order
+        self.resync_target = False
+        self.resync_upto: int | None = None
         self.size_bytes = size_bytes
         self.block_size = block_size
         self.durable_seq = durable_seq
@@ -696,7 +828,23 @@ class SecondaryCore:
         self.primary_seq = 0
 
     def on_welcome(self, welcome: Welcome) -> None:
-        """The primary accepted us and resumes at ``resume_seq``."""
+        """The primary accepted us and resumes at ``resume_seq``.
+
+        With the resync flag we are a resync target: our position is rebased to
+        the primary's (our image is covered by the resync, not by the sequence),
+        and we are inconsistent until :meth:`resync_complete`.
+        """
+        if welcome.flags & WELCOME_FLAG_RESYNC:
+            if welcome.resume_seq < 1:
+                raise ProtocolError(f"resync WELCOME resumes at {welcome.resume_seq}")
+            base = welcome.resume_seq - 1
+            self.applied_seq = self.received_seq = self.durable_seq = base
+            self._flush_upto = self._fua_upto = 0
+            self.resync_target = True
+            self.resync_upto = None
+            self.welcomed = True
+            self.primary_seq = welcome.primary_seq
+            return
         if welcome.resume_seq != self.applied_seq + 1:
             raise ProtocolError(
                 f"primary resumes at {welcome.resume_seq} but we applied {self.applied_seq}"
@@ -760,10 +908,32 @@ class SecondaryCore:
         self._flush_upto = max(self._flush_upto, flush.upto_seq)
         self._flush_id = max(self._flush_id, flush.flush_id)
 
+    def on_resync_done(self, upto_seq: int) -> None:
+        """The primary has sequenced every region: we are consistent once
+        everything up to ``upto_seq`` is applied and durable."""
+        if not self.resync_target:
+            raise ProtocolError("RESYNC_DONE but no resync is running")
+        if upto_seq < self.applied_seq and upto_seq < self.received_seq:
+            raise ProtocolError(f"RESYNC_DONE for {upto_seq}, before our position")
+        self.resync_upto = upto_seq
+
+    def resync_complete(self) -> bool:
+        """True once (then no longer a target) when the resync is durable here."""
+        done = (
+            self.resync_target
+            and self.resync_upto is not None
+            and self.durable_seq >= self.resync_upto
+        )
+        if done:
+            self.resync_target = False
+            self.resync_upto = None
+        return done
+
     def sync_needed(self) -> bool:
-        """True if a store sync must run now: a FUA write or a FLUSH waits on it
-        and every write it covers has been applied."""
-        for target in (self._fua_upto, self._flush_upto):
+        """True if a store sync must run now: a FUA write, a FLUSH or the end of
+        a resync waits on it and every write it covers has been applied."""
+        resync = self.resync_upto if self.resync_target and self.resync_upto else 0
+        for target in (self._fua_upto, self._flush_upto, resync):
             if self.durable_seq < target <= self.applied_seq:
                 return True
         return False

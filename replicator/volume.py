@@ -38,6 +38,7 @@ from replicator.bitmap import DirtyBitmap
 from replicator.bitmapfile import BitmapFile
 from replicator.frames import (
     HELLO_FLAG_CLEAN,
+    WELCOME_FLAG_RESYNC,
     Ack,
     Bye,
     Flush,
@@ -49,6 +50,7 @@ from replicator.frames import (
     Ping,
     Pong,
     Refuse,
+    ResyncDone,
     Role,
     Welcome,
     WriteEntry,
@@ -61,6 +63,7 @@ from replicator.generations import (
     Decision,
     Generation,
     GenState,
+    after_resync,
     decide,
     fresh,
     on_crash_restart,
@@ -191,7 +194,7 @@ _STORE_KIND = {WriteKind.WRITE: "write", WriteKind.ZEROES: "zeroes", WriteKind.T
 
 # What the secondary's receiver hands its applier: a validated batch in the
 # order the core says to apply it, with its last sequence number; or a FLUSH.
-_ApplyItem = tuple[tuple[WriteEntry, ...], int] | Flush
+_ApplyItem = tuple[tuple[WriteEntry, ...], int] | Flush | ResyncDone
 
 
 class ReplicatedVolume:
@@ -221,6 +224,8 @@ class ReplicatedVolume:
         self.gens = gens or fresh(spec.role == Role.PRIMARY)
         self._gens_pending = False
         self.last_decision: Decision | None = None
+        self._resync_lineage: bytes | None = None
+        self.resyncs_completed = 0
         # Write-ahead barrier for the bitmap: pages waiting to be made durable,
         # and whether a persist is running (writers wait while it is).
         self._bitmap_pending: set[int] = set()
@@ -559,6 +564,51 @@ class ReplicatedVolume:
             raise ProtocolError("HELLO carries a lineage that does not decode")
         return decide(self.gens, decoded[1])
 
+    async def _resync_task(self, ch: FrameChannel) -> None:
+        """Copy every region the peer may lack, as writes sequenced in order
+        with the application's (so no resync data ever overwrites a newer
+        write), bounded by the retained-log limit; then announce the end."""
+        core = self.primary
+        assert core is not None
+        while (span := core.next_resync_region()) is not None:
+            offset, length = span
+            # Resync copies wait for room in the retained log, whatever the
+            # congestion policy: only application writes may pull ahead (a
+            # resync that pulled itself ahead would start over forever).
+            while core.admission(length) != "admit":
+                if not core.peer.resyncing:
+                    return  # the peer went outdated meanwhile: a later connect redoes it
+                await self._wait_changed()
+            seq = core.submit_resync(trio.current_time())
+            blockers = self._overlap.add(seq, offset, length)
+            local_done = trio.Event()
+            self._local_done_events[seq] = local_done
+            try:
+                with trio.CancelScope(shield=True):
+                    for b in blockers:
+                        ev = self._local_done_events.get(b)
+                        if ev is not None:
+                            await ev.wait()
+                    try:
+                        data = await self.store.read(offset, length)
+                    except StoreError as exc:
+                        log.error("volume %s: resync read failed: %s", self.spec.name, exc)
+                        core.go_outdated()
+                        self._note_bitmap_changes()
+                        return
+                    self._complete(core.fill_resync(seq, data))
+            finally:
+                self._overlap.remove(seq)
+                self._local_done_events.pop(seq, None)
+                local_done.set()
+            self._notify()
+        last = core.peer.resync_last_seq
+        if last is None or not core.peer.resyncing:
+            return
+        await ch.send(ResyncDone(last, encode_genstate(self.gens, 0)))
+        core.request_peer_flush()
+        self._notify()
+
     # ------------------------------------------------------------------ bitmap
 
     def _note_bitmap_changes(self) -> None:
@@ -699,15 +749,15 @@ class ReplicatedVolume:
             answer = core.peer_connected(remote, version)
         elif decision.action is Action.RESYNC and decision.source == "local":
             kind = "full" if decision.full else "delta"
+            answer = core.start_resync(remote, version, full=decision.full)
             log.warning(
-                "volume %s: peer %s needs a %s resync from this copy (%s); it stays "
-                "outdated until then",
+                "volume %s: %s resync of peer %s starts (%s): %d bytes to copy",
                 self.spec.name,
-                remote.node,
                 kind,
+                remote.node,
                 decision.reason,
+                core.peer.resync_total_bytes,
             )
-            answer = core.peer_connected_for_resync(remote, version)
         else:
             answer = Refuse(f"{decision.action.value}: {decision.reason}")
         await ch.send(answer)
@@ -730,6 +780,8 @@ class ReplicatedVolume:
 
     async def _primary_session_tasks(self, ch: FrameChannel) -> None:
         async with trio.open_nursery() as nursery:
+            if self.primary is not None and self.primary.peer.resyncing:
+                nursery.start_soon(self._resync_task, ch)
             nursery.start_soon(self._primary_sender, ch)
             nursery.start_soon(self._keepalive, ch)
             await self._primary_receiver(ch)
@@ -740,6 +792,10 @@ class ReplicatedVolume:
         assert core is not None
         coalesce_s = self.spec.timers.async_coalesce_s if core.policy.mode == Mode.ASYNC else 0.0
         while True:
+            if core.outdated and core.connected:
+                # The peer fell behind what we retain (pull-ahead): reconnect,
+                # and the generation decision starts a resync.
+                raise ProtocolError("peer outdated: reconnecting to resync it")
             batch = core.next_batch()
             flush = core.next_flush(trio.current_time())
             if batch is None and flush is None:
@@ -762,6 +818,11 @@ class ReplicatedVolume:
             msg = await ch.receive()
             if isinstance(msg, Ack):
                 self._complete(core.on_ack(msg))
+                if core.take_resync_completed():
+                    self.resyncs_completed += 1
+                    log.info(
+                        "volume %s: resync complete; the peer is consistent again", self.spec.name
+                    )
                 self._note_bitmap_changes()
                 if self._bitmap_pending or self._gens_pending:
                     await self._flush_bitmap()
@@ -878,6 +939,19 @@ class ReplicatedVolume:
         if not isinstance(answer, Welcome):
             raise ProtocolError(f"expected WELCOME, got {type(answer).__name__}")
         core.on_welcome(answer)
+        if answer.flags & WELCOME_FLAG_RESYNC:
+            # Ahead of anything the resync writes: this image is now a mix.
+            self.gens = replace(self.gens, inconsistent=True)
+            self.state = replace(self.state, seq=core.durable_seq)
+            with trio.CancelScope(shield=True):
+                if self.genfile is not None:
+                    await trio.to_thread.run_sync(self.genfile.write, self.gens)
+                self.state = await trio.to_thread.run_sync(self.meta.write, self.state)
+            log.warning(
+                "volume %s: resync target from %s: inconsistent until it completes",
+                self.spec.name,
+                remote.node,
+            )
         if self._replaying:
             if core.applied_seq >= answer.primary_seq:
                 # Nothing was written after our durable point: nothing is torn.
@@ -910,7 +984,7 @@ class ReplicatedVolume:
                 # in which order to apply it.
                 ordered = core.on_writes(msg)
                 await queue.send((ordered, msg.entries[-1].seq))
-            elif isinstance(msg, Flush):
+            elif isinstance(msg, (Flush, ResyncDone)):
                 await queue.send(msg)
             elif isinstance(msg, Ping):
                 await ch.send(Pong(msg.nonce, msg.sent_ns))
@@ -946,12 +1020,18 @@ class ReplicatedVolume:
                         self._replay_until = None
             elif isinstance(item, Flush):
                 core.on_flush(item)
+            elif isinstance(item, ResyncDone):
+                core.on_resync_done(item.upto_seq)
+                self._resync_lineage = item.lineage
             now = trio.current_time()
             periodic = core.durable_seq < core.applied_seq and now - last_sync >= interval
             if core.sync_needed() or periodic:
                 with trio.CancelScope(shield=True):
                     await self._secondary_sync()
                 last_sync = now
+            if core.resync_complete():
+                with trio.CancelScope(shield=True):
+                    await self._adopt_resynced_lineage()
             await ch.send(core.ack())
 
     async def _apply_batch(self, entries: tuple[WriteEntry, ...]) -> None:
@@ -966,6 +1046,22 @@ class ReplicatedVolume:
             await self.store.write_zeroes(e.offset, e.length, e.kind == WriteKind.TRIM)
         if run:
             await self.store.write_many(run)
+
+    async def _adopt_resynced_lineage(self) -> None:
+        """The resync is durable here: take the primary's lineage, be consistent."""
+        decoded = decode_genstate(self._resync_lineage) if self._resync_lineage else None
+        if decoded is None:
+            raise ProtocolError("RESYNC_DONE carried no valid lineage")
+        self.gens, _ = after_resync(self.gens, decoded[1])
+        self.gens = replace(self.gens, primary=False)
+        if self.genfile is not None:
+            await trio.to_thread.run_sync(self.genfile.write, self.gens)
+        self.resyncs_completed += 1
+        log.info(
+            "volume %s: resync complete: consistent, generation %#x",
+            self.spec.name,
+            self.gens.current.id,
+        )
 
     async def _secondary_sync(self) -> None:
         core = self.secondary
@@ -1005,7 +1101,7 @@ class ReplicatedVolume:
         """``consistent`` or ``inconsistent`` (a secondary replaying after a
         crash). Whether a peer is outdated is the primary's knowledge and shows
         in its status as ``peer_outdated``."""
-        if self._replaying:
+        if self._replaying or self.gens.inconsistent:
             return "inconsistent"
         return "consistent"
 
@@ -1028,6 +1124,23 @@ class ReplicatedVolume:
             "size_bytes": self.spec.size_bytes,
             "rtt_p50_ms": None if rtt is None else rtt * 1e3,
             "store": self.store.statistics(),
+            "lineage": {
+                "current": f"{self.gens.current.id:#x}",
+                "cause": self.gens.current.cause.value,
+                "history": [f"{g.id:#x}" for g in self.gens.history],
+                "bitmap_base": None
+                if self.gens.bitmap_base is None
+                else f"{self.gens.bitmap_base:#x}",
+                "inconsistent": self.gens.inconsistent,
+            },
+            "last_decision": None
+            if self.last_decision is None
+            else {
+                "action": self.last_decision.action.value,
+                "reason": self.last_decision.reason,
+                "full": self.last_decision.full,
+            },
+            "resyncs_completed": self.resyncs_completed,
         }
         core = self.primary
         if core is not None:
@@ -1050,6 +1163,10 @@ class ReplicatedVolume:
                 bytes_written=core.stats.bytes_written,
                 write_latency_p50_ms=None if p50 is None else p50 * 1e3,
                 write_latency_p99_ms=None if p99 is None else p99 * 1e3,
+                resync_active=core.peer.resyncing,
+                resync_full=core.peer.resync_full if core.peer.resyncing else None,
+                resync_done_bytes=core.peer.resync_done_bytes if core.peer.resyncing else 0,
+                resync_total_bytes=core.peer.resync_total_bytes if core.peer.resyncing else 0,
             )
         else:
             sec = self.secondary
@@ -1065,6 +1182,7 @@ class ReplicatedVolume:
                 dirty_bytes=0,
                 write_latency_p50_ms=None,
                 write_latency_p99_ms=None,
+                resync_target=sec.resync_target,
             )
         return out
 

@@ -307,7 +307,7 @@ def test_bad_version(version) -> None:
     assert "version" in err.reason
 
 
-@pytest.mark.parametrize("ftype", [0, 10, 42, 255])
+@pytest.mark.parametrize("ftype", [0, 11, 42, 255])
 def test_unknown_type(ftype) -> None:
     err = refused(frame(ftype, bytes(16)))
     assert "type" in err.reason and str(ftype) in err.reason
@@ -576,3 +576,20 @@ def test_fuzz_corrupted_stream_never_yields_a_wrong_message(msgs, data) -> None:
     except ProtocolError:
         pass
     assert got == msgs[: len(got)]
+
+
+def test_welcome_flags_and_resync_done_round_trip() -> None:
+    from replicator.frames import WELCOME_FLAG_RESYNC, ResyncDone
+
+    msgs = [Welcome(1, 501, 900, WELCOME_FLAG_RESYNC), ResyncDone(1234, b"\x01" * 40)]
+    enc, dec = FrameEncoder(), FrameDecoder()
+    for m in msgs:
+        dec.receive_data(enc.encode(m))
+    assert [dec.next_message(), dec.next_message()] == msgs
+
+
+def test_welcome_with_unknown_flags_is_refused() -> None:
+    dec = FrameDecoder()
+    dec.receive_data(frame(2, struct.pack(">HHQQ", 1, 0x80, 1, 1)))  # 2 = WELCOME
+    with pytest.raises(ProtocolError, match="unknown flags"):
+        dec.next_message()
