@@ -151,6 +151,63 @@ def allow_degraded(config_path: str) -> None:
 
 @volume.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--discard-local",
+    "choice",
+    flag_value="discard",
+    help="Roll this copy back to its peer at the next connect (split brain).",
+)
+@click.option("--keep-local", "choice", flag_value="keep", help="Withdraw --discard-local.")
+def resolve(config_path: str, choice: str | None) -> None:
+    """Resolve a split brain: choose the copy whose own changes are thrown away.
+
+    Run it on the copy to roll back (it must be secondary). At the next connect
+    the primary resyncs it, rolling back what it changed on its own.
+    """
+    from geoclus.control import request
+
+    if choice is None:
+        raise click.UsageError("say --discard-local or --keep-local")
+    answer = request(_control_path(config_path), "resolve", discard_local=choice == "discard")
+    if answer["discard"]:
+        click.echo("this copy will be rolled back to its peer at the next connect")
+    else:
+        click.echo("this copy keeps its data (no discard mark)")
+
+
+@volume.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--follow", is_flag=True, help="Keep printing new events until interrupted.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
+def events(config_path: str, follow: bool, as_json: bool) -> None:
+    """Show the volume's state changes (connects, decisions, resyncs, ...)."""
+    import datetime
+    import time
+
+    from geoclus.control import request
+
+    path = _control_path(config_path)
+    since = 0
+    while True:
+        answer = request(path, "events", since=since)
+        if answer["missed"]:
+            click.echo(f"({answer['missed']} older events no longer kept)", err=True)
+        for e in answer["events"]:
+            if as_json:
+                click.echo(json.dumps(e, sort_keys=True))
+            else:
+                stamp = datetime.datetime.fromtimestamp(e["time"]).isoformat(
+                    sep=" ", timespec="milliseconds"
+                )
+                click.echo(f"{stamp}  {e['kind']:<10} {e['message']}")
+            since = e["seq"]
+        if not follow:
+            return
+        time.sleep(0.5)
+
+
+@volume.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 def stop(config_path: str) -> None:
     """Ask the daemon to shut down cleanly (same as SIGTERM)."""
     from geoclus.control import request

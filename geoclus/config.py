@@ -37,6 +37,7 @@ from typing import Any
 
 from geoclus.errors import ConfigError
 from replicator.frames import Mode, Role
+from replicator.generations import SplitBrainPolicy
 from replicator.session import ReplicationPolicy
 from replicator.units import parse_size
 from replicator.volume import LinkTimers, VolumeSpec
@@ -105,6 +106,7 @@ _ALLOWED = {
         "max_in_flight_bytes",
         "region_size",
         "bitmap",
+        "after_split_brain",
     },
     "node": {"name"},
     "replication": {
@@ -416,5 +418,10 @@ def parse_config(data: dict[str, Any], path: str = "<memory>") -> DaemonConfig:
         node=node,
         timers=timers,
         bitmap_path=bitmap_path,
+        split_brain_policy=SplitBrainPolicy(
+            r.choice(
+                vol, "volume", "after_split_brain", tuple(p.value for p in SplitBrainPolicy), "none"
+            )
+        ),
     )
     return DaemonConfig(path, spec, listen, peer, tls, export, control)

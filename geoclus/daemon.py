@@ -155,10 +155,28 @@ class Daemon:
             return {"status": status}
         if cmd == "allow-degraded":
             return {"released_writes": vol.allow_degraded()}
+        if cmd == "events":
+            since = req.get("since", 0)
+            if not isinstance(since, int) or isinstance(since, bool) or since < 0:
+                raise ControlError('events needs "since": a non-negative integer')
+            events, missed = vol.events.since(since)
+            return {
+                "events": [e.to_json() for e in events],
+                "missed": missed,
+                "last_seq": vol.events.last_seq,
+            }
+        if cmd == "resolve":
+            discard = req.get("discard_local")
+            if not isinstance(discard, bool):
+                raise ControlError('resolve needs "discard_local": true or false')
+            gens = await vol.resolve(discard_local=discard)
+            return {"discard": gens.discard}
         if cmd == "shutdown":
             self._shutdown.set()
             return {}
-        raise ControlError(f"unknown command {cmd!r} (status, allow-degraded, shutdown)")
+        raise ControlError(
+            f"unknown command {cmd!r} (status, allow-degraded, resolve, events, shutdown)"
+        )
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:

@@ -36,6 +36,7 @@ from geoclus.errors import (
 )
 from replicator.bitmap import DirtyBitmap
 from replicator.bitmapfile import BitmapFile
+from replicator.events import EventLog
 from replicator.frames import (
     HELLO_FLAG_CLEAN,
     WELCOME_FLAG_RESYNC,
@@ -63,6 +64,7 @@ from replicator.generations import (
     Decision,
     Generation,
     GenState,
+    SplitBrainPolicy,
     after_resync,
     decide,
     fresh,
@@ -131,6 +133,8 @@ class VolumeSpec:
     faults: frozenset[str] = frozenset()
     # The persisted dirty bitmap (docs/format.md); default: STORE.bitmap.
     bitmap_path: str | None = None
+    # What to do with a split brain nobody resolved (docs/generations.md).
+    split_brain_policy: SplitBrainPolicy = SplitBrainPolicy.NONE
 
     @property
     def bitmap_file_path(self) -> str:
@@ -226,6 +230,13 @@ class ReplicatedVolume:
         self.last_decision: Decision | None = None
         self._resync_lineage: bytes | None = None
         self.resyncs_completed = 0
+        self.events = EventLog()
+        self.events.add(
+            "open",
+            f"{spec.role.name.lower()} copy of {spec.name} opened, generation "
+            f"{self.gens.current.id:#x}"
+            + (" (inconsistent: a resync was cut off)" if self.gens.inconsistent else ""),
+        )
         # Write-ahead barrier for the bitmap: pages waiting to be made durable,
         # and whether a persist is running (writers wait while it is).
         self._bitmap_pending: set[int] = set()
@@ -562,7 +573,7 @@ class ReplicatedVolume:
         decoded = decode_genstate(remote.lineage)
         if decoded is None:
             raise ProtocolError("HELLO carries a lineage that does not decode")
-        return decide(self.gens, decoded[1])
+        return decide(self.gens, decoded[1], self.spec.split_brain_policy)
 
     async def _resync_task(self, ch: FrameChannel) -> None:
         """Copy every region the peer may lack, as writes sequenced in order
@@ -579,6 +590,11 @@ class ReplicatedVolume:
                 if not core.peer.resyncing:
                     return  # the peer went outdated meanwhile: a later connect redoes it
                 await self._wait_changed()
+            # Waiting yields: the resync may have ended or moved on meanwhile.
+            span = core.next_resync_region()
+            if span is None:
+                return
+            offset, length = span
             seq = core.submit_resync(trio.current_time())
             blockers = self._overlap.add(seq, offset, length)
             local_done = trio.Event()
@@ -620,6 +636,11 @@ class ReplicatedVolume:
         for regions in core.take_new_dirty().values():
             self._bitmap_pending |= bf.pages_of(regions)
         if core.take_went_outdated():
+            self.events.add(
+                "outdated",
+                "the peer fell out of the retained log: it is outdated, changed regions "
+                "are tracked until a resync",
+            )
             # The peer can no longer follow through the log: our data history
             # diverges from its from here on (a new generation, written ahead).
             before = self.gens
@@ -700,6 +721,7 @@ class ReplicatedVolume:
                 self.connected_peer = peer_label
                 self.last_error = None
                 log.info("volume %s: replicating to %s", self.spec.name, peer_label)
+                self.events.add("connected", f"replicating to {peer_label}")
                 await self._primary_session(channel)
             except HandshakeRefused as exc:
                 self._link_error(f"handshake refused: {exc.reason}")
@@ -724,6 +746,7 @@ class ReplicatedVolume:
     def _link_error(self, reason: str) -> None:
         if reason != self.last_error:
             log.warning("volume %s: replication link: %s", self.spec.name, reason)
+            self.events.add("link", reason)
         self.last_error = reason
 
     async def _primary_handshake(self, ch: FrameChannel) -> None:
@@ -745,6 +768,13 @@ class ReplicatedVolume:
         answer: Welcome | Refuse
         decision = self._decide(remote)
         self.last_decision = decision
+        self.events.add(
+            "decision",
+            f"{decision.action.value}: {decision.reason}",
+            source=decision.source,
+            full=decision.full,
+            resolved_by=decision.resolved_by,
+        )
         if decision.action is Action.IN_SYNC:
             answer = core.peer_connected(remote, version)
         elif decision.action is Action.RESYNC and decision.source == "local":
@@ -757,6 +787,11 @@ class ReplicatedVolume:
                 remote.node,
                 decision.reason,
                 core.peer.resync_total_bytes,
+            )
+            self.events.add(
+                "resync",
+                f"{kind} resync of {remote.node} starts: "
+                f"{core.peer.resync_total_bytes} bytes to copy",
             )
         else:
             answer = Refuse(f"{decision.action.value}: {decision.reason}")
@@ -820,6 +855,7 @@ class ReplicatedVolume:
                 self._complete(core.on_ack(msg))
                 if core.take_resync_completed():
                     self.resyncs_completed += 1
+                    self.events.add("resync", "resync complete: the peer is consistent again")
                     log.info(
                         "volume %s: resync complete; the peer is consistent again", self.spec.name
                     )
@@ -889,6 +925,7 @@ class ReplicatedVolume:
                 self.connected_peer = peer_label
                 self.last_error = None
                 log.info("volume %s: receiving from %s", self.spec.name, peer_label)
+                self.events.add("connected", f"receiving from {peer_label}")
                 await self._secondary_session(ch)
         except HandshakeRefused as exc:
             self._link_error(f"handshake refused: {exc.reason}")
@@ -900,6 +937,7 @@ class ReplicatedVolume:
                 exc,
             )
             self.last_error = f"store failed: {exc}"
+            self.events.add("store", f"store failed while applying replicated writes: {exc}")
         except _TRANSPORT_ERRORS as exc:
             self._link_error(_describe(exc))
         finally:
@@ -1057,6 +1095,9 @@ class ReplicatedVolume:
         if self.genfile is not None:
             await trio.to_thread.run_sync(self.genfile.write, self.gens)
         self.resyncs_completed += 1
+        self.events.add(
+            "resync", f"resync complete: consistent, generation {self.gens.current.id:#x}"
+        )
         log.info(
             "volume %s: resync complete: consistent, generation %#x",
             self.spec.name,
@@ -1074,6 +1115,34 @@ class ReplicatedVolume:
 
     # ---------------------------------------------------------------- control
 
+    async def resolve(self, *, discard_local: bool) -> GenState:
+        """Operator decision for a split brain: mark (or unmark) this copy to be
+        rolled back to its peer at the next connect. Persisted before it returns.
+
+        Raises NotPrimaryError for a primary: its data is never rolled back
+        under its users; demote it first (restart it as secondary).
+        """
+        if discard_local and self._role == Role.PRIMARY:
+            raise NotPrimaryError(
+                f"{self.spec.node} is primary for {self.spec.name}: demote it (restart it "
+                'with role = "secondary") before discarding its data'
+            )
+        self.gens = replace(self.gens, discard=discard_local)
+        self.events.add(
+            "resolve",
+            "operator: this copy's own changes will be discarded at the next connect"
+            if discard_local
+            else "operator: this copy keeps its data",
+        )
+        if self.genfile is not None:
+            await self.store.run_blocking(self.genfile.write, self.gens)
+        log.warning(
+            "volume %s: operator %s this copy's own changes",
+            self.spec.name,
+            "chose to DISCARD" if discard_local else "chose to KEEP",
+        )
+        return self.gens
+
     def allow_degraded(self) -> int:
         """Operator override (sync, suspend): complete writes without the peer.
 
@@ -1082,6 +1151,10 @@ class ReplicatedVolume:
         if self.primary is None:
             raise NotPrimaryError("allow-degraded applies to the primary only")
         released = self.primary.allow_degraded()
+        self.events.add(
+            "degraded",
+            f"operator allowed degraded running ({len(released)} blocked writes released)",
+        )
         self._complete(released)
         self._notify()
         log.warning(
@@ -1132,6 +1205,7 @@ class ReplicatedVolume:
                 if self.gens.bitmap_base is None
                 else f"{self.gens.bitmap_base:#x}",
                 "inconsistent": self.gens.inconsistent,
+                "discard": self.gens.discard,
             },
             "last_decision": None
             if self.last_decision is None

@@ -355,6 +355,22 @@ async def test_link_cut_under_load_then_resync_end_to_end(tmp_path) -> None:
                         break
                     await trio.sleep(0.05)
             assert sa["last_decision"]["action"] == "resync"
+            proc = await trio.run_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "geoclus",
+                    "volume",
+                    "events",
+                    "--config",
+                    pair.a.config,
+                    "--json",
+                ],
+                capture_stdout=True,
+                capture_stderr=True,
+            )
+            kinds = [json.loads(line)["kind"] for line in proc.stdout.decode().splitlines()]
+            assert "outdated" in kinds and "resync" in kinds and "connected" in kinds
             assert sb["lineage"]["current"] == sa["lineage"]["current"]
             await client.flush()
             await client.aclose()

@@ -174,6 +174,42 @@ async def test_delta_resync_brings_an_outdated_peer_back_while_writes_continue(t
         assert b.consistency == "consistent" and not b.gens.inconsistent
         assert b.gens.current.id == a.gens.current.id != FRESH
         assert a.status()["dirty_bytes"] == 0 and a.gens.bitmap_base is None
+        kinds = [e.kind for e in a.events.since(0)[0]]
+        assert "outdated" in kinds and "decision" in kinds and "resync" in kinds
         n.cancel_scope.cancel()
     with open(a.spec.store_path, "rb") as fa, open(b.spec.store_path, "rb") as fb:
         assert fa.read() == fb.read()
+
+
+async def test_resolve_is_refused_on_a_primary_and_persisted_on_a_secondary(tmp_path) -> None:
+    import pytest
+
+    from geoclus.errors import NotPrimaryError
+
+    policy = ReplicationPolicy(mode=Mode.ASYNC)
+    a = await ReplicatedVolume.open(spec(tmp_path, "a", Role.PRIMARY, policy))
+    b = await ReplicatedVolume.open(spec(tmp_path, "b", Role.SECONDARY, policy))
+    with pytest.raises(NotPrimaryError, match="demote it"):
+        await a.resolve(discard_local=True)
+    assert not a.gens.discard
+    await b.resolve(discard_local=True)
+    await b.close()
+    on_disk = stored(b.spec.gens_file_path)
+    assert on_disk is not None and on_disk.discard  # survives the restart
+    b2 = await ReplicatedVolume.open(spec(tmp_path, "b", Role.SECONDARY, policy))
+    assert b2.gens.discard
+    kinds = [e.kind for e in b.events.since(0)[0]]
+    assert kinds[0] == "open" and "resolve" in kinds
+
+
+def test_event_log_is_bounded_and_reports_what_was_missed() -> None:
+    from replicator.events import EventLog
+
+    log = EventLog(capacity=3)
+    for i in range(5):
+        log.add("k", f"event {i}")
+    events, missed = log.since(0)
+    assert [e.message for e in events] == ["event 2", "event 3", "event 4"]
+    assert missed == 2 and log.last_seq == 5
+    events, missed = log.since(4)
+    assert [e.seq for e in events] == [5] and missed == 0
