@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from geoclus.errors import ProtocolError
 from replicator.frames import (
@@ -39,12 +39,22 @@ from replicator.frames import (
     Message,
     Mode,
     Refuse,
+    ResyncDone,
     Role,
     Welcome,
     WriteEntry,
     WriteKind,
     Writes,
 )
+from replicator.generations import (
+    Action,
+    GenState,
+    after_resync,
+    decide,
+    fresh,
+    on_write_unreplicated,
+)
+from replicator.genfile import decode_genstate, encode_genstate
 from replicator.handshake import check_hello, make_hello, negotiate_version
 from replicator.ordering import OverlapTracker
 from replicator.session import PrimaryCore, ReplicationPolicy, SecondaryCore
@@ -100,6 +110,7 @@ class PendingLocal:
     data: bytes
     fua: bool
     blockers: set[int]
+    resync: bool = False  # a resync copy: "applying" it means reading the region
 
 
 @dataclass
@@ -119,6 +130,8 @@ class SimStats:
     crashes: int = 0
     protocol_errors: list[str] = field(default_factory=list)
     batches_applied: int = 0
+    resyncs_started: int = 0
+    resyncs_completed: int = 0
 
 
 class Simulation:
@@ -132,7 +145,11 @@ class Simulation:
         seed: int = 0,
         fault_secondary_out_of_order: bool = False,
         fault_primary_ignore_overlaps: bool = False,
+        fault_resync_ignores_overlaps: bool = False,
+        fault_resync_target_not_marked: bool = False,
     ) -> None:
+        self.fault_resync_ignores_overlaps = fault_resync_ignores_overlaps
+        self.fault_resync_target_not_marked = fault_resync_target_not_marked
         self.policy = policy
         self.size_bytes = blocks * BLOCK
         self.rng = random.Random(seed)
@@ -151,7 +168,7 @@ class Simulation:
         self.sec_meta_durable = 0
         self.secondary = self._new_secondary(0)
         # Validated batches (in the order the core says to apply) and flushes.
-        self.sec_queue: list[tuple[tuple[WriteEntry, ...], int] | Flush] = []
+        self.sec_queue: list[tuple[tuple[WriteEntry, ...], int] | Flush | ResyncDone] = []
         self.replaying_until: int | None = None
         self.replaying = False
         # After a crash the durable image holds a torn mix until the next sync.
@@ -160,6 +177,12 @@ class Simulation:
         self.must_be_applied = 0  # sync writes acknowledged with the peer required
         self.must_be_durable = 0  # FUA writes / flushes acknowledged with the peer required
         self.connected = False
+        # Lineages (docs/generations.md), as each side would persist them.
+        self.p_gens: GenState = fresh(primary=True)
+        self.s_gens: GenState = fresh(primary=False)
+        self._next_gen = 1000
+        self._resync_done_sent = False
+        self._resync_lineage: bytes | None = None
         self.to_secondary: list[bytes] = []
         self.to_primary: list[bytes] = []
         self._reset_codecs()
@@ -218,7 +241,39 @@ class Simulation:
         if fua:
             self.fua_writes.add(seq)
         self.stats.writes += 1
+        self._note_core()
         return seq
+
+    def resync_step(self) -> bool:
+        """The primary's resync task runs once: sequence the next region's copy
+        (its read waits, like a write, for earlier overlapping writes), or, all
+        regions sequenced, announce RESYNC_DONE and ask for a flush."""
+        core = self.primary
+        if not self.connected or not core.peer.resyncing:
+            return False
+        span = core.next_resync_region()
+        if span is None:
+            last = core.peer.resync_last_seq
+            if last is None or self._resync_done_sent:
+                return False
+            self.to_secondary.append(
+                self.p_enc.encode(ResyncDone(last, encode_genstate(self.p_gens, 0)))
+            )
+            core.request_peer_flush()
+            self._resync_done_sent = True
+            return True
+        offset, length = span
+        if core.admission(length) != "admit":
+            return False  # waits for room in the log, whatever the policy
+        seq = core.submit_resync(self.now_s)
+        self.history.append((WriteKind.WRITE, offset, length, b""))  # filled at the read
+        blockers = set(self.overlap.add(seq, offset, length))
+        if self.fault_resync_ignores_overlaps:
+            blockers = set()  # test-only fault: read without waiting for earlier writes
+        self.pending_local[seq] = PendingLocal(
+            seq, WriteKind.WRITE, offset, length, b"", False, blockers, resync=True
+        )
+        return True
 
     def local_ready(self) -> list[int]:
         """Local writes whose earlier overlapping writes have all been applied."""
@@ -232,6 +287,14 @@ class Simulation:
             return False
         seq = ready[pick % len(ready)]
         p = self.pending_local.pop(seq)
+        if p.resync:
+            # Read the region as it is now: every earlier overlapping write has
+            # been applied and no later one yet (the overlap rule).
+            data = bytes(self.primary_disk[p.offset : p.offset + p.length])
+            self.history[seq - 1] = (WriteKind.WRITE, p.offset, p.length, data)
+            self.overlap.remove(seq)
+            self._completed(self.primary.fill_resync(seq, data))
+            return True
         self.primary_disk[p.offset : p.offset + p.length] = (
             p.data if p.kind == WriteKind.WRITE else bytes(p.length)
         )
@@ -273,6 +336,7 @@ class Simulation:
     # ------------------------------------------------------------------ link
 
     def _hello(self, role: Role, applied: int, durable: int, node: str) -> Hello:
+        gens = self.p_gens if role == Role.PRIMARY else self.s_gens
         return make_hello(
             role=role,
             mode=self.policy.mode,
@@ -284,7 +348,21 @@ class Simulation:
             applied_seq=applied,
             durable_seq=durable,
             node=node,
+            lineage=encode_genstate(gens, 0),
         )
+
+    def _note_core(self) -> None:
+        """Carry the core's generation events into the primary's lineage, as
+        the volume shell does."""
+        core = self.primary
+        core.take_new_dirty()
+        if core.take_went_outdated():
+            self._next_gen += 1
+            self.p_gens = on_write_unreplicated(self.p_gens, self._next_gen, int(self.now_s))
+        if core.take_resync_completed():
+            self.stats.resyncs_completed += 1
+        if core.take_cleared() and self.p_gens.bitmap_base is not None and not core.outdated:
+            self.p_gens = replace(self.p_gens, bitmap_base=None, changes=0)
 
     def connect(self) -> bool:
         """Run the handshake if the link is down; True if it came up."""
@@ -306,13 +384,34 @@ class Simulation:
         assert got2 == s_hello and check_hello(p_hello, s_hello) is None
         version = negotiate_version(p_hello, s_hello)
         assert version is not None
-        answer = core.peer_connected(s_hello, version)
+        decoded = decode_genstate(s_hello.lineage)
+        assert decoded is not None
+        decision = decide(self.p_gens, decoded[1])
+        answer: Welcome | Refuse
+        if decision.action is Action.IN_SYNC:
+            answer = core.peer_connected(s_hello, version)
+        elif decision.action is Action.RESYNC:
+            # Only the primary writes here, so it is always the source.
+            assert decision.source == "local", decision
+            answer = core.start_resync(s_hello, version, full=decision.full)
+            self.stats.resyncs_started += 1
+        else:
+            raise AssertionError(f"unexpected decision with one writer: {decision}")
+        self._note_core()
         if isinstance(answer, Refuse):
             self.stats.protocol_errors.append(answer.reason)
             return False
         assert isinstance(answer, Welcome)
         sec.on_welcome(answer)
-        if self.replaying:
+        if answer.flags:
+            # Rebased resync target: inconsistent (persisted) until done.
+            if not self.fault_resync_target_not_marked:
+                self.s_gens = replace(self.s_gens, inconsistent=True)
+            self.sec_meta_durable = sec.durable_seq
+            self.durable_torn = True
+            self._resync_done_sent = False
+            self.replaying_until = None
+        elif self.replaying:
             self.replaying_until = answer.primary_seq
         self.connected = True
         self._completed(core._collect())
@@ -331,9 +430,15 @@ class Simulation:
         self._completed(self.primary.peer_lost())
 
     def ship(self) -> bool:
-        """The primary's sender runs once: a batch and/or a flush go on the wire."""
+        """The primary's sender runs once: a batch and/or a flush go on the wire.
+
+        Like the shell's sender, it drops the link on purpose when the peer went
+        outdated while connected, so the next connect resyncs it."""
         if not self.connected:
             return False
+        if self.primary.outdated:
+            self.cut()
+            return True
         sent = False
         batch = self.primary.next_batch()
         if batch is not None:
@@ -384,7 +489,7 @@ class Simulation:
         if isinstance(msg, Writes):
             ordered = self.secondary.on_writes(msg)
             self.sec_queue.append((ordered, msg.entries[-1].seq))
-        elif isinstance(msg, Flush):
+        elif isinstance(msg, (Flush, ResyncDone)):
             self.sec_queue.append(msg)
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__}")
@@ -406,12 +511,27 @@ class Simulation:
             if self.replaying_until is not None and sec.applied_seq >= self.replaying_until:
                 self.replaying = False
                 self.replaying_until = None
+        elif isinstance(item, ResyncDone):
+            sec.on_resync_done(item.upto_seq)
+            self._resync_lineage = item.lineage
         else:
             sec.on_flush(item)
         if sec.sync_needed():
             self.secondary_sync()
+        self._maybe_resync_complete()
         self.to_primary.append(self.s_enc.encode(sec.ack()))
         return True
+
+    def _maybe_resync_complete(self) -> None:
+        if self.secondary.resync_complete():
+            assert self._resync_lineage is not None
+            decoded = decode_genstate(self._resync_lineage)
+            assert decoded is not None
+            self.s_gens, _ = after_resync(self.s_gens, decoded[1])
+            self.s_gens = replace(self.s_gens, primary=False)
+            # The sync that completed it flushed everything: durable is a prefix.
+            self.replaying = False
+            self.durable_torn = False
 
     def secondary_sync(self) -> bool:
         """The secondary syncs its store and persists its durable point."""
@@ -421,9 +541,10 @@ class Simulation:
         seq = sec.applied_seq
         self.sec_disk.flush()
         self.sec_meta_durable = seq
-        if not self.replaying:
+        if not self.replaying and not self.s_gens.inconsistent:
             self.durable_torn = False
         sec.synced(seq)
+        self._maybe_resync_complete()
         if self.connected:
             self.to_primary.append(self.s_enc.encode(sec.ack()))
         return True
@@ -441,6 +562,7 @@ class Simulation:
                 if not isinstance(msg, Ack):
                     raise ProtocolError(f"unexpected {type(msg).__name__}")
                 self._completed(self.primary.on_ack(msg))
+                self._note_core()
         except ProtocolError as exc:
             self._protocol_failure(exc)
         return True
@@ -471,7 +593,7 @@ class Simulation:
         )
         assert 0 <= core.peer_durable <= core.peer_applied <= core.last_seq
         # Property 2: the secondary is a prefix of the primary's history.
-        if not self.replaying:
+        if not self.replaying and not self.s_gens.inconsistent:
             image = self.sec_disk.image()
             assert image == self.prefix_image(sec.applied_seq), (
                 f"secondary image is not the primary's history after {sec.applied_seq} writes"
@@ -489,7 +611,7 @@ class Simulation:
                 f"write/flush up to {self.must_be_durable} acknowledged as durable but the "
                 f"secondary's durable point is {self.sec_meta_durable}"
             )
-            if not self.replaying:
+            if not self.replaying and not self.s_gens.inconsistent:
                 assert sec.applied_seq >= self.must_be_applied, (
                     f"write {self.must_be_applied} acknowledged in sync mode but the secondary "
                     f"applied only {sec.applied_seq}"
@@ -509,6 +631,10 @@ class Simulation:
                 progressed = True
             if not self.connected:
                 progressed |= self.connect()
+            while self.resync_step():
+                progressed = True
+            while self.complete_local(0):
+                progressed = True
             progressed |= self.ship()
             while self.deliver_to_secondary():
                 progressed = True
@@ -524,9 +650,11 @@ class Simulation:
         raise AssertionError("simulation did not quiesce")
 
     def check_converged(self) -> None:
-        """After :meth:`quiesce`: both copies hold the same image (unless outdated)."""
-        if self.primary.outdated:
-            return
+        """After :meth:`quiesce`: the peer is back (resynced if it had to be),
+        consistent, and both copies hold the same image."""
+        assert not self.primary.outdated, "the peer is still outdated after quiescing"
+        assert not self.s_gens.inconsistent, "the peer is still inconsistent after quiescing"
+        assert self.s_gens.current.id == self.p_gens.current.id
         assert self.secondary.applied_seq == self.primary.last_seq
         assert bytes(self.sec_disk.image()) == bytes(self.primary_disk)
         assert not self.pending_flushes or not self.primary.peer_required()
@@ -559,7 +687,8 @@ def run_random(
         ),
         (0.30, lambda: sim.complete_local(rng.randrange(1 << 16))),
         (0.34, sim.app_flush),
-        (0.46, sim.ship),
+        (0.43, sim.ship),
+        (0.46, sim.resync_step),
         (0.60, lambda: sim.deliver_to_secondary(rng.choice([0, 0, 0, rng.randrange(1, 4096)]))),
         (0.74, sim.secondary_apply),
         (0.87, sim.deliver_to_primary),
