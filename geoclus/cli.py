@@ -117,22 +117,65 @@ def _fmt_status(s: dict[str, Any]) -> str:
         )
     else:
         lines.append(f"  sequence:       applied {s['applied_seq']}, durable {s['durable_seq']}")
+    if s.get("resync_active"):
+        lines.append("  resync:         " + _progress_bar(s))
+    if s.get("last_decision"):
+        d = s["last_decision"]
+        lines.append(f"  last decision:  {d['action']}: {d['reason']}")
+    lin = s.get("lineage") or {}
+    if lin:
+        flags = [f for f in ("inconsistent", "discard") if lin.get(f)]
+        lines.append(
+            f"  lineage:        {lin['current']} ({lin['cause']}), "
+            f"{len(lin.get('history', []))} before it"
+            + (f"; {', '.join(flags).upper()}" if flags else "")
+        )
     lines.append(f"  round trip:     {_ms(s.get('rtt_p50_ms'))} (p50)")
     return "\n".join(lines)
+
+
+def _progress_bar(s: dict[str, Any], width: int = 30) -> str:
+    from replicator.units import format_size
+
+    total = s.get("resync_total_bytes") or 0
+    done = s.get("resync_done_bytes") or 0
+    frac = done / total if total else 1.0
+    filled = int(frac * width)
+    rate = s.get("resync_rate_bytes_per_s")
+    eta = s.get("resync_eta_s")
+    kind = "full" if s.get("resync_full") else "delta"
+    return (
+        f"[{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}% {kind} "
+        f"{format_size(done)} / {format_size(total)}"
+        + (f", {format_size(int(rate))}/s" if rate else "")
+        + (f", {eta:.0f} s left" if eta is not None else "")
+    )
 
 
 @volume.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def status(config_path: str, as_json: bool) -> None:
-    """Show role, mode, connection, lag, dirty bytes and write latency."""
+@click.option("--watch", is_flag=True, help="Refresh every half second until interrupted.")
+def status(config_path: str, as_json: bool, watch: bool) -> None:
+    """Show role, mode, connection, lag, dirty bytes, write latency and resync progress."""
+    import time
+
     from geoclus.control import request
 
-    answer = request(_control_path(config_path), "status")
-    if as_json:
-        click.echo(json.dumps(answer["status"], indent=2, sort_keys=True))
-    else:
-        click.echo(_fmt_status(answer["status"]))
+    path = _control_path(config_path)
+    while True:
+        answer = request(path, "status")
+        if as_json:
+            click.echo(json.dumps(answer["status"], indent=None if watch else 2, sort_keys=True))
+        else:
+            text = _fmt_status(answer["status"])
+            if watch and sys.stdout.isatty():
+                click.echo("\033[H\033[J" + text)
+            else:
+                click.echo(text)
+        if not watch:
+            return
+        time.sleep(0.5)
 
 
 @volume.command("allow-degraded")

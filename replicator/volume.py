@@ -230,6 +230,7 @@ class ReplicatedVolume:
         self.last_decision: Decision | None = None
         self._resync_lineage: bytes | None = None
         self.resyncs_completed = 0
+        self._resync_started_s: float | None = None
         self.events = EventLog()
         self.events.add(
             "open",
@@ -780,6 +781,7 @@ class ReplicatedVolume:
         elif decision.action is Action.RESYNC and decision.source == "local":
             kind = "full" if decision.full else "delta"
             answer = core.start_resync(remote, version, full=decision.full)
+            self._resync_started_s = trio.current_time()
             log.warning(
                 "volume %s: %s resync of peer %s starts (%s): %d bytes to copy",
                 self.spec.name,
@@ -1178,6 +1180,20 @@ class ReplicatedVolume:
             return "inconsistent"
         return "consistent"
 
+    def _resync_rate(self, now: float) -> dict[str, float | None]:
+        """Copy rate (bytes/s, since the resync started) and time to go (s)."""
+        core = self.primary
+        if core is None or not core.peer.resyncing or self._resync_started_s is None:
+            return {"resync_rate_bytes_per_s": None, "resync_eta_s": None}
+        elapsed = max(1e-6, now - self._resync_started_s)
+        done = core.peer.resync_done_bytes
+        rate = done / elapsed
+        left = core.peer.resync_total_bytes - done
+        return {
+            "resync_rate_bytes_per_s": rate,
+            "resync_eta_s": (left / rate) if rate > 0 else None,
+        }
+
     def status(self) -> dict[str, Any]:
         """Everything ``geoclus volume status`` shows, JSON-ready."""
         now = trio.current_time()
@@ -1241,6 +1257,7 @@ class ReplicatedVolume:
                 resync_full=core.peer.resync_full if core.peer.resyncing else None,
                 resync_done_bytes=core.peer.resync_done_bytes if core.peer.resyncing else 0,
                 resync_total_bytes=core.peer.resync_total_bytes if core.peer.resyncing else 0,
+                **self._resync_rate(now),
             )
         else:
             sec = self.secondary
