@@ -39,9 +39,9 @@ DEFAULT_MAX_PAYLOAD_BYTES = 16 * 1024 * 1024 + 256 * 1024
 MAX_BATCH_ENTRIES = 8192
 # Names and reasons are for humans; no legitimate one is long.
 MAX_NAME_BYTES = 255
-# A lineage (docs/generations.md) is at most 9 generations of 17 bytes plus a
+# A lineage (docs/generations.md) is at most 33 generations of 17 bytes plus a
 # small header; anything longer is not one.
-MAX_LINEAGE_BYTES = 512
+MAX_LINEAGE_BYTES = 1024
 MAX_REASON_BYTES = 1024
 
 

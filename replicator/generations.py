@@ -23,8 +23,9 @@ import enum
 from dataclasses import dataclass, field, replace
 
 # Generations kept per copy. A copy further behind than this many divergences
-# can no longer be matched by lineage and needs a full sync (never a wrong one).
-MAX_HISTORY = 8
+# can no longer be matched by lineage: the decision then says "unrelated" and an
+# operator chooses (never a wrong automatic sync). 32 x 17 bytes fits a HELLO.
+MAX_HISTORY = 32
 
 FRESH = 0  # the generation of a new all-zero volume, the same on every site
 
@@ -94,12 +95,17 @@ def _start_generation(s: GenState, new_id: int, now_ns: int, cause: Cause) -> Ge
     return replace(s, current=Generation(new_id, now_ns, cause), history=history, bitmap_base=base)
 
 
-def on_write_unreplicated(s: GenState, new_id: int, now_ns: int) -> GenState:
-    """A primary writes while its peer does not receive (disconnected,
-    outdated, pulled ahead). The first such write starts a generation; later
-    ones only mark the bitmap (``changes`` is the caller's count)."""
-    if s.bitmap_base is not None:
-        return s  # already diverging: the bitmap accumulates
+def on_write_unreplicated(
+    s: GenState, new_id: int, now_ns: int, *, shared: bool = False
+) -> GenState:
+    """A primary's data history leaves its peer's (the peer went outdated, or
+    lost the link while lacking writes). This starts a generation, unless the
+    copy is already diverging in a generation the peer cannot hold. ``shared``:
+    the current generation was announced to the peer (it may have adopted it),
+    so a new one is needed even while diverging; the bitmap keeps
+    accumulating from the older base, a superset of what differs."""
+    if s.bitmap_base is not None and not shared:
+        return s  # already diverging in a generation of our own
     return _start_generation(s, new_id, now_ns, Cause.DIVERGE)
 
 

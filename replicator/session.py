@@ -182,6 +182,8 @@ class PeerState:
     resync_total_bytes: int = 0
     resync_done_bytes: int = 0
     resync_last_seq: int | None = None
+    # The peer has applied everything (last reported transition).
+    caught_up: bool = False
 
 
 class PrimaryCore:
@@ -270,6 +272,13 @@ class PrimaryCore:
         p.durable = min(remote.durable_seq, remote.applied_seq)
         return Welcome(version, remote.applied_seq + 1, self.last_seq)
 
+    def can_resume(self, remote: Hello, peer: str | None = None) -> bool:
+        """True if the retained log holds every write ``remote`` lacks (so it
+        can catch up in order instead of by a resync)."""
+        p = self._peer(peer)
+        applied = remote.applied_seq
+        return not p.outdated and applied <= self.last_seq and applied + 1 >= self._log_first
+
     def start_resync(
         self, remote: Hello, version: int, *, full: bool, peer: str | None = None
     ) -> Welcome:
@@ -352,10 +361,9 @@ class PrimaryCore:
             ):
                 p.resyncing = False
                 p.resync_last_seq = None
-                if p.bitmap.dirty_regions:
-                    p.bitmap.clear()
-                    self._new_dirty[p.name] = []
-                    self._cleared.add(p.name)
+                p.bitmap.clear()
+                self._new_dirty[p.name] = []
+                self._cleared.add(p.name)
                 done.add(p.name)
         return done
 
@@ -745,16 +753,17 @@ class PrimaryCore:
     def _maybe_clear_bitmap(self, p: PeerState) -> None:
         # Every write went through the log in order and the peer applied them
         # all, so the regions marked while it was away are no longer dirty.
-        if (
-            not p.outdated
-            and not p.resyncing
-            and p.connected
-            and p.applied == self.last_seq
-            and p.bitmap.dirty_regions
-        ):
+        caught_up = (
+            not p.outdated and not p.resyncing and p.connected and p.applied == self.last_seq
+        )
+        if caught_up and not p.caught_up:
+            # Reported on every transition, bits or not: the shell also ends
+            # its divergence (bitmap base) here, which must not depend on
+            # whether any region happened to be marked.
             p.bitmap.clear()
             self._new_dirty[p.name] = []
             self._cleared.add(p.name)
+        p.caught_up = caught_up
 
     # ------------------------------------------------------------------- flush
 
@@ -909,21 +918,16 @@ class SecondaryCore:
         self._flush_id = max(self._flush_id, flush.flush_id)
 
     def on_resync_done(self, upto_seq: int) -> None:
-        """The primary has sequenced every region: we are consistent once
-        everything up to ``upto_seq`` is applied and durable."""
-        if not self.resync_target:
-            raise ProtocolError("RESYNC_DONE but no resync is running")
-        if upto_seq < self.applied_seq and upto_seq < self.received_seq:
-            raise ProtocolError(f"RESYNC_DONE for {upto_seq}, before our position")
+        """Once everything up to ``upto_seq`` is applied and durable here we
+        hold the primary's data (after a resync, or after catching up through
+        the log on a diverged primary) and adopt its lineage."""
+        if not self.welcomed:
+            raise ProtocolError("RESYNC_DONE before WELCOME")
         self.resync_upto = upto_seq
 
     def resync_complete(self) -> bool:
-        """True once (then no longer a target) when the resync is durable here."""
-        done = (
-            self.resync_target
-            and self.resync_upto is not None
-            and self.durable_seq >= self.resync_upto
-        )
+        """True once (then reset) when the announced point is durable here."""
+        done = self.resync_upto is not None and self.durable_seq >= self.resync_upto
         if done:
             self.resync_target = False
             self.resync_upto = None
@@ -932,7 +936,7 @@ class SecondaryCore:
     def sync_needed(self) -> bool:
         """True if a store sync must run now: a FUA write, a FLUSH or the end of
         a resync waits on it and every write it covers has been applied."""
-        resync = self.resync_upto if self.resync_target and self.resync_upto else 0
+        resync = self.resync_upto or 0
         for target in (self._fua_upto, self._flush_upto, resync):
             if self.durable_seq < target <= self.applied_seq:
                 return True

@@ -47,6 +47,7 @@ from replicator.frames import (
     Writes,
 )
 from replicator.generations import (
+    FRESH,
     Action,
     GenState,
     after_resync,
@@ -132,6 +133,7 @@ class SimStats:
     batches_applied: int = 0
     resyncs_started: int = 0
     resyncs_completed: int = 0
+    catch_ups: int = 0
 
 
 class Simulation:
@@ -183,6 +185,7 @@ class Simulation:
         self._next_gen = 1000
         self._resync_done_sent = False
         self._resync_lineage: bytes | None = None
+        self._shared_gen: int | None = FRESH
         self.to_secondary: list[bytes] = []
         self.to_primary: list[bytes] = []
         self._reset_codecs()
@@ -256,6 +259,7 @@ class Simulation:
             last = core.peer.resync_last_seq
             if last is None or self._resync_done_sent:
                 return False
+            self._shared_gen = self.p_gens.current.id
             self.to_secondary.append(
                 self.p_enc.encode(ResyncDone(last, encode_genstate(self.p_gens, 0)))
             )
@@ -358,7 +362,12 @@ class Simulation:
         core.take_new_dirty()
         if core.take_went_outdated():
             self._next_gen += 1
-            self.p_gens = on_write_unreplicated(self.p_gens, self._next_gen, int(self.now_s))
+            self.p_gens = on_write_unreplicated(
+                self.p_gens,
+                self._next_gen,
+                int(self.now_s),
+                shared=self.p_gens.current.id == self._shared_gen,
+            )
         if core.take_resync_completed():
             self.stats.resyncs_completed += 1
         if core.take_cleared() and self.p_gens.bitmap_base is not None and not core.outdated:
@@ -388,8 +397,23 @@ class Simulation:
         assert decoded is not None
         decision = decide(self.p_gens, decoded[1])
         answer: Welcome | Refuse
+        adopt_upto = None
         if decision.action is Action.IN_SYNC:
             answer = core.peer_connected(s_hello, version)
+            self._shared_gen = self.p_gens.current.id
+        elif (
+            decision.action is Action.RESYNC
+            and decision.source == "local"
+            and not decision.full
+            and "peer" not in decision.bitmaps
+            and not decoded[1].inconsistent
+            and core.can_resume(s_hello)
+        ):
+            # Catch up through the log, then adopt our lineage (as the shell).
+            # Never for an inconsistent peer: regions its cut-off resync did
+            # not reach are in no log.
+            answer = core.peer_connected(s_hello, version)
+            adopt_upto = core.last_seq
         elif decision.action is Action.RESYNC:
             # Only the primary writes here, so it is always the source.
             assert decision.source == "local", decision
@@ -413,6 +437,14 @@ class Simulation:
             self.replaying_until = None
         elif self.replaying:
             self.replaying_until = answer.primary_seq
+        if adopt_upto is not None:
+            self._shared_gen = self.p_gens.current.id
+            self.connected = True  # the announcement goes on the wire now
+            self.to_secondary.append(
+                self.p_enc.encode(ResyncDone(adopt_upto, encode_genstate(self.p_gens, 0)))
+            )
+            core.request_peer_flush()
+            self.stats.catch_ups += 1
         self.connected = True
         self._completed(core._collect())
         return True
@@ -428,6 +460,16 @@ class Simulation:
         self.sec_queue.clear()
         self.secondary.reset_link()
         self._completed(self.primary.peer_lost())
+        if self.primary.lag_writes:
+            # As the shell: the peer lacks writes, our history diverges.
+            self._next_gen += 1
+            self.p_gens = on_write_unreplicated(
+                self.p_gens,
+                self._next_gen,
+                int(self.now_s),
+                shared=self.p_gens.current.id == self._shared_gen,
+            )
+        self._note_core()
 
     def ship(self) -> bool:
         """The primary's sender runs once: a batch and/or a flush go on the wire.

@@ -69,6 +69,7 @@ from replicator.generations import (
     decide,
     fresh,
     on_crash_restart,
+    on_promote,
     on_write_unreplicated,
     unknown_copy,
 )
@@ -145,6 +146,9 @@ class VolumeSpec:
         """The generation lineage (docs/generations.md): STORE.gens."""
         return self.store_path + ".gens"
 
+
+# The BYE reason a primary sends when it demotes itself (a switchover).
+DEMOTED_BYE = "demoted"
 
 # Faults a test may switch on to show that a check catches a broken rule.
 TEST_FAULTS = frozenset({"secondary-out-of-order", "primary-ignore-overlaps"})
@@ -224,6 +228,9 @@ class ReplicatedVolume:
     ) -> None:
         self.spec = spec
         self.bitmap_file = bitmap_file
+        self._loaded_bitmap = bitmap
+        self._primary_channel: FrameChannel | None = None
+        self._demoting = False
         self.genfile = genfile
         self.gens = gens or fresh(spec.role == Role.PRIMARY)
         self._gens_pending = False
@@ -231,6 +238,18 @@ class ReplicatedVolume:
         self._resync_lineage: bytes | None = None
         self.resyncs_completed = 0
         self._resync_started_s: float | None = None
+        # Role changes at run time: the volume owns its dial task.
+        self._link_nursery: trio.Nursery | None = None
+        self._link_connect: Connector | None = None
+        self._link_label = "peer"
+        self._link_scope: trio.CancelScope | None = None
+        self._peer_demoted = False  # the old primary announced a clean demotion
+        self._adopt_announcement: int | None = None
+        self._last_peer_inconsistent = False
+        # The newest generation the peer may hold (in sync at connect, or
+        # announced for adoption): diverging from it needs a new generation.
+        self._shared_gen: int | None = None
+        self._role_lock = trio.Lock()
         self.events = EventLog()
         self.events.add(
             "open",
@@ -502,6 +521,11 @@ class ReplicatedVolume:
                 "write through the primary's export"
             )
         check_range(offset, length, self.spec.size_bytes, self.spec.block_size)
+        if self._demoting:
+            raise NotPrimaryError(
+                f"volume {self.spec.name} is being demoted on this site; write through the "
+                "new primary"
+            )
         if self._closing:
             raise GeoclusError(f"volume {self.spec.name} is shutting down; write refused")
         start = trio.current_time()
@@ -574,6 +598,7 @@ class ReplicatedVolume:
         decoded = decode_genstate(remote.lineage)
         if decoded is None:
             raise ProtocolError("HELLO carries a lineage that does not decode")
+        self._last_peer_inconsistent = decoded[1].inconsistent
         return decide(self.gens, decoded[1], self.spec.split_brain_policy)
 
     async def _resync_task(self, ch: FrameChannel) -> None:
@@ -622,11 +647,36 @@ class ReplicatedVolume:
         last = core.peer.resync_last_seq
         if last is None or not core.peer.resyncing:
             return
+        self._shared_gen = self.gens.current.id
         await ch.send(ResyncDone(last, encode_genstate(self.gens, 0)))
         core.request_peer_flush()
         self._notify()
 
     # ------------------------------------------------------------------ bitmap
+
+    def _diverge_if_peer_lacks_writes(self) -> None:
+        """The link is gone and the peer lacks some of our writes: our data
+        history now differs from anything the peer could be promoted with, so
+        start a new generation (its bitmap holds those writes' regions). A
+        reconnect still catches the peer up through the log when it can."""
+        core = self.primary
+        if core is None or not core.lag_writes:
+            return
+        before = self.gens
+        self.gens = on_write_unreplicated(
+            self.gens,
+            _new_generation(),
+            time.time_ns(),
+            shared=self.gens.current.id == self._shared_gen,
+        )
+        if self.gens is before:
+            return
+        self._gens_pending = True
+        self.events.add(
+            "diverged",
+            f"the link dropped with {core.lag_writes} writes the peer "
+            f"lacks: new generation {self.gens.current.id:#x}",
+        )
 
     def _note_bitmap_changes(self) -> None:
         """Queue the bitmap pages the core changed (synchronous, so a writer that
@@ -645,7 +695,12 @@ class ReplicatedVolume:
             # The peer can no longer follow through the log: our data history
             # diverges from its from here on (a new generation, written ahead).
             before = self.gens
-            self.gens = on_write_unreplicated(self.gens, _new_generation(), time.time_ns())
+            self.gens = on_write_unreplicated(
+                self.gens,
+                _new_generation(),
+                time.time_ns(),
+                shared=self.gens.current.id == self._shared_gen,
+            )
             self._gens_pending |= self.gens is not before
         if core.take_cleared():
             self._bitmap_pending |= set(bf.pages_with_bits)
@@ -733,6 +788,7 @@ class ReplicatedVolume:
                 self.connected_peer = None
                 if self.primary is not None:
                     self._complete(self.primary.peer_lost())
+                    self._diverge_if_peer_lacks_writes()
                     self._note_bitmap_changes()
                     with trio.CancelScope(shield=True):
                         await self._flush_bitmap()
@@ -778,9 +834,31 @@ class ReplicatedVolume:
         )
         if decision.action is Action.IN_SYNC:
             answer = core.peer_connected(remote, version)
+            self._shared_gen = self.gens.current.id
+        elif (
+            decision.action is Action.RESYNC
+            and decision.source == "local"
+            and not decision.full
+            and "peer" not in decision.bitmaps
+            and not self._last_peer_inconsistent
+            and core.can_resume(remote)
+        ):
+            # (Never for an inconsistent peer: regions its cut-off resync did
+            # not reach are in no log.)
+            # The peer only lacks writes still in our log: it catches up in
+            # order (staying a prefix) and then adopts our lineage.
+            answer = core.peer_connected(remote, version)
+            self._adopt_announcement = core.last_seq
+            self.events.add(
+                "catch-up",
+                f"peer catches up through the log to {core.last_seq}, then adopts our lineage",
+            )
         elif decision.action is Action.RESYNC and decision.source == "local":
-            kind = "full" if decision.full else "delta"
-            answer = core.start_resync(remote, version, full=decision.full)
+            # Rolling back the peer's own changes needs its bitmap too; until the
+            # handshake carries it, such a resync copies everything.
+            full = decision.full or "peer" in decision.bitmaps
+            answer = core.start_resync(remote, version, full=full)
+            kind = "full" if full else "delta"
             self._resync_started_s = trio.current_time()
             log.warning(
                 "volume %s: %s resync of peer %s starts (%s): %d bytes to copy",
@@ -812,10 +890,20 @@ class ReplicatedVolume:
             )
 
     async def _primary_session(self, ch: FrameChannel) -> None:
-        with _unwrap_link_errors():
-            await self._primary_session_tasks(ch)
+        self._primary_channel = ch
+        try:
+            with _unwrap_link_errors():
+                await self._primary_session_tasks(ch)
+        finally:
+            self._primary_channel = None
 
     async def _primary_session_tasks(self, ch: FrameChannel) -> None:
+        if self._adopt_announcement is not None:
+            upto, self._adopt_announcement = self._adopt_announcement, None
+            self._shared_gen = self.gens.current.id
+            await ch.send(ResyncDone(upto, encode_genstate(self.gens, 0)))
+            if self.primary is not None:
+                self.primary.request_peer_flush()
         async with trio.open_nursery() as nursery:
             if self.primary is not None and self.primary.peer.resyncing:
                 nursery.start_soon(self._resync_task, ch)
@@ -1031,6 +1119,10 @@ class ReplicatedVolume:
             elif isinstance(msg, Pong):
                 self.rtt.add(max(0.0, (time.monotonic_ns() - msg.sent_ns) / 1e9))
             elif isinstance(msg, Bye):
+                if msg.reason.startswith(DEMOTED_BYE):
+                    # Only a drained demotion lets us take over without loss.
+                    self._peer_demoted = msg.reason.endswith("peer in sync: True")
+                    self.events.add("peer", f"the primary demoted itself: {msg.reason}")
                 raise ProtocolError(f"primary said goodbye: {msg.reason}")
             else:
                 raise ProtocolError(f"unexpected {type(msg).__name__} from the primary")
@@ -1116,6 +1208,181 @@ class ReplicatedVolume:
         core.synced(seq)
 
     # ---------------------------------------------------------------- control
+
+    def attach_link(
+        self, nursery: trio.Nursery, connect: Connector | None, peer_label: str = "peer"
+    ) -> None:
+        """Give the volume what it needs to dial its peer whenever it is primary
+        (now or after a promotion); starts the dial task if it is primary."""
+        self._link_nursery = nursery
+        self._link_connect = connect
+        self._link_label = peer_label
+        if self._role == Role.PRIMARY:
+            self._start_link()
+
+    def _start_link(self) -> None:
+        if self._link_nursery is None or self._link_connect is None:
+            return
+        scope = trio.CancelScope()
+        self._link_scope = scope
+        connect, label = self._link_connect, self._link_label
+
+        async def run() -> None:
+            with scope:
+                await self.run_primary_link(connect, label)
+
+        self._link_nursery.start_soon(run)
+
+    async def demote(self, drain_timeout_s: float | None = None) -> dict[str, Any]:
+        """Primary -> secondary at run time (the first half of a switchover).
+
+        New writes are refused, writes in flight finish, the peer is drained
+        (until it has applied and synced everything, at most ``drain_timeout_s``),
+        it is told with a BYE that we demoted, and this copy continues as a
+        secondary. Raises NotPrimaryError if it is not primary.
+        """
+        async with self._role_lock:
+            core = self.primary
+            if core is None or self._role != Role.PRIMARY:
+                raise NotPrimaryError(f"{self.spec.node} is not primary for {self.spec.name}")
+            timeout = (
+                self.spec.timers.drain_timeout_s if drain_timeout_s is None else (drain_timeout_s)
+            )
+            self._demoting = True
+            self._notify()
+            drained = False
+            with trio.move_on_after(timeout):
+                while self.in_flight_writes:
+                    await self._wait_changed(0.05)
+                upto = core.request_peer_flush()
+                self._notify()
+                while (
+                    core.connected
+                    and not core.outdated
+                    and (core.lag_writes or core.peer_durable < upto)
+                ):
+                    await self._wait_changed(0.05)
+                drained = core.connected and not core.outdated and not core.lag_writes
+            ch = self._primary_channel
+            if ch is not None:
+                with contextlib.suppress(*_TRANSPORT_ERRORS):
+                    await ch.send(Bye(f"{DEMOTED_BYE}; peer in sync: {drained}"))
+            if self._link_scope is not None:
+                self._link_scope.cancel()
+                self._link_scope = None
+            if not drained and core.lag_writes:
+                core.peer_lost()
+                self._diverge_if_peer_lacks_writes()
+                self._note_bitmap_changes()
+                await self._flush_bitmap()
+            await self.store.flush()
+            last = core.last_seq
+            self.secondary = SecondaryCore(
+                self.spec.size_bytes,
+                self.spec.block_size,
+                durable_seq=last,
+                fault_apply_out_of_order="secondary-out-of-order" in self.spec.faults,
+            )
+            self.primary = None
+            self._role = Role.SECONDARY
+            self._demoting = False
+            self.gens = replace(self.gens, primary=False)
+            await self._persist_role(last)
+            self.events.add("role", f"demoted to secondary (peer drained: {drained})")
+            log.warning(
+                "volume %s: demoted to secondary (peer drained: %s)", self.spec.name, drained
+            )
+            self._notify()
+            return {"role": "secondary", "peer_drained": drained, "last_seq": last}
+
+    async def promote(self, *, force: bool = False) -> dict[str, Any]:
+        """Secondary -> primary at run time.
+
+        Without ``force``: only after the old primary announced its demotion
+        (switchover) and while this copy is consistent; the generation stays, so
+        the old primary rejoins as secondary without a resync. With ``force``
+        (the old primary is gone): a new generation; in async mode writes the
+        old primary acknowledged but never shipped are lost, and the answer says
+        what is known about them. Raises GeoclusError when not allowed.
+        """
+        async with self._role_lock:
+            sec = self.secondary
+            if sec is None or self._role != Role.SECONDARY:
+                raise GeoclusError(f"{self.spec.node} is already primary for {self.spec.name}")
+            inconsistent = self.consistency != "consistent"
+            if inconsistent and not force:
+                raise GeoclusError(
+                    "this copy is inconsistent (a resync or replay is unfinished): promoting "
+                    "it would serve a mix of old and new data; use --force only to salvage"
+                )
+            if not force and not self._peer_demoted:
+                raise GeoclusError(
+                    "the primary has not demoted itself; if it is really gone, use "
+                    "`geoclus volume promote --force` (writes it acknowledged that never "
+                    "arrived here are lost)"
+                )
+            if self._session_scope is not None and self._session_done is not None:
+                self._session_scope.cancel()
+                await self._session_done.wait()
+            applied = sec.applied_seq
+            known_primary = sec.primary_seq
+            await self.store.flush()
+            self.primary = PrimaryCore(
+                self.spec.policy,
+                self.spec.size_bytes,
+                last_seq=applied,
+                bitmaps={"peer": self._own_bitmap()},
+            )
+            self.secondary = None
+            self._role = Role.PRIMARY
+            self.gens = on_promote(
+                replace(self.gens, inconsistent=False),
+                _new_generation(),
+                time.time_ns(),
+                connected_in_sync=not force,
+                forced=force,
+            )
+            self._gens_pending = True
+            await self._persist_role(applied)
+            self._peer_demoted = False
+            missing = max(0, known_primary - applied)
+            what = "forced promotion" if force else "promoted after the primary demoted"
+            report = {
+                "role": "primary",
+                "forced": force,
+                "applied_seq": applied,
+                "generation": f"{self.gens.current.id:#x}",
+                "known_missing_writes": missing if force else 0,
+                "was_inconsistent": inconsistent,
+            }
+            self.events.add(
+                "role", f"{what}; {missing} writes known to be missing" if force else what, **report
+            )
+            log.warning(
+                "volume %s: %s (applied %d, %d writes known missing)",
+                self.spec.name,
+                what,
+                applied,
+                missing if force else 0,
+            )
+            self._start_link()
+            self._notify()
+            return report
+
+    def _own_bitmap(self) -> DirtyBitmap:
+        """This copy's bitmap of its own changes (from the bitmap file)."""
+        if self.bitmap_file is not None and self._loaded_bitmap is not None:
+            return self._loaded_bitmap
+        return DirtyBitmap(self.spec.size_bytes, self.spec.policy.region_bytes)
+
+    async def _persist_role(self, seq: int) -> None:
+        role_code = ROLE_PRIMARY if self._role == Role.PRIMARY else ROLE_SECONDARY
+        self.state = replace(self.state, role=role_code, seq=seq, generation=self.gens.current.id)
+        with trio.CancelScope(shield=True):
+            self.state = await self.store.run_blocking(self.meta.write, self.state)
+            if self.genfile is not None:
+                await self.store.run_blocking(self.genfile.write, self.gens)
+            self._gens_pending = False
 
     async def resolve(self, *, discard_local: bool) -> GenState:
         """Operator decision for a split brain: mark (or unmark) this copy to be
