@@ -251,6 +251,83 @@ def events(config_path: str, follow: bool, as_json: bool) -> None:
 
 @volume.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--force", is_flag=True, help="Promote although the primary did not hand over (it is gone)."
+)
+def promote(config_path: str, force: bool) -> None:
+    """Make this secondary the primary.
+
+    Without --force only after the primary demoted itself with this copy in
+    sync (see `switchover`). With --force, for a primary that is gone: a new
+    generation; in async mode writes it acknowledged but never shipped are lost,
+    and what is known about them is printed.
+    """
+    from geoclus.control import request
+
+    r = request(_control_path(config_path), "promote", force=force, timeout_s=60.0)
+    if r.get("forced"):
+        click.echo(
+            f"FORCED promotion: now primary at write {r['applied_seq']}, generation "
+            f"{r['generation']}; at least {r['known_missing_writes']} writes of the old "
+            "primary are known to be missing here"
+            + (" (this copy was inconsistent!)" if r.get("was_inconsistent") else "")
+        )
+    else:
+        click.echo(
+            f"promoted: now primary at write {r['applied_seq']}, generation {r['generation']}"
+        )
+
+
+@volume.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+def demote(config_path: str) -> None:
+    """Make this primary a secondary (drains the peer first, bounded)."""
+    from geoclus.control import request
+
+    r = request(_control_path(config_path), "demote", timeout_s=120.0)
+    click.echo(
+        f"demoted: now secondary at write {r['last_seq']}; peer drained: {r['peer_drained']}"
+    )
+
+
+@volume.command()
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The current primary's configuration.",
+)
+@click.option(
+    "--to",
+    "to_config",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The secondary that becomes primary.",
+)
+def switchover(config_path: str, to_config: str) -> None:
+    """Planned role swap with no data loss and no resync: drain and demote the
+    primary, then promote the secondary (refused if the drain did not finish)."""
+    from geoclus.control import request
+
+    click.echo("demoting the primary (draining writes to the peer) ...")
+    r = request(_control_path(config_path), "demote", timeout_s=120.0)
+    if not r["peer_drained"]:
+        raise click.ClickException(
+            "the primary could not drain to its peer (disconnected or too slow); it is now "
+            "secondary. Re-promote it with `geoclus volume promote --force`, or promote the "
+            "other with --force accepting the loss"
+        )
+    click.echo(f"demoted at write {r['last_seq']}; promoting the new primary ...")
+    p = request(_control_path(to_config), "promote", force=False, timeout_s=60.0)
+    click.echo(
+        f"switchover done: new primary at write {p['applied_seq']}, generation "
+        f"{p['generation']} (unchanged: no resync)"
+    )
+
+
+@volume.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 def stop(config_path: str) -> None:
     """Ask the daemon to shut down cleanly (same as SIGTERM)."""
     from geoclus.control import request

@@ -25,7 +25,6 @@ from geoclus.control import serve_control
 from geoclus.errors import ControlError, GeoclusError, HandshakeRefused
 from geoclus.nbd.server import NbdServer
 from geoclus.tlsstream import TlsSocketStream, wrap_client, wrap_server
-from replicator.frames import Role
 from replicator.volume import TEST_FAULTS, ReplicatedVolume
 
 log = logging.getLogger("geoclus.daemon")
@@ -165,6 +164,15 @@ class Daemon:
                 "missed": missed,
                 "last_seq": vol.events.last_seq,
             }
+        if cmd == "promote":
+            force = req.get("force", False)
+            if not isinstance(force, bool):
+                raise ControlError('promote takes "force": true or false')
+            if self.cfg.peer is None:
+                log.warning("promoting without replication.peer configured: no peer to dial")
+            return await vol.promote(force=force)
+        if cmd == "demote":
+            return await vol.demote()
         if cmd == "resolve":
             discard = req.get("discard_local")
             if not isinstance(discard, bool):
@@ -175,7 +183,8 @@ class Daemon:
             self._shutdown.set()
             return {}
         raise ControlError(
-            f"unknown command {cmd!r} (status, allow-degraded, resolve, events, shutdown)"
+            f"unknown command {cmd!r} (status, allow-degraded, promote, demote, resolve, "
+            "events, shutdown)"
         )
 
     async def _signals(self) -> None:
@@ -201,8 +210,13 @@ class Daemon:
                 listeners = await trio.open_tcp_listeners(cfg.listen.port, host=cfg.listen.host)
                 rep_addr = listeners[0].socket.getsockname()[:2]
                 nursery.start_soon(trio.serve_listeners, self._incoming, listeners)
-                if cfg.spec.role == Role.PRIMARY and cfg.peer is not None:
-                    nursery.start_soon(vol.run_primary_link, self._connect, str(cfg.peer))
+                # The volume dials its peer whenever it is primary (now, or after
+                # a promotion) and stops when demoted.
+                vol.attach_link(
+                    nursery,
+                    self._connect if cfg.peer is not None else None,
+                    str(cfg.peer),
+                )
                 self.nbd = NbdServer(
                     {cfg.export.name: vol},
                     unix_path=cfg.export.unix_path,

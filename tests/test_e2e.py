@@ -378,3 +378,86 @@ async def test_link_cut_under_load_then_resync_end_to_end(tmp_path) -> None:
         assert await pair.stop() == (0, 0)
     final = xxhash.xxh3_128_hexdigest(w.image())
     assert digest(pair.a.store) == digest(pair.b.store) == final
+
+
+async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(120):
+        return await trio.run_process(
+            [sys.executable, "-m", "geoclus", "volume", *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+
+
+async def wait_status(site, predicate, timeout_s: float = 60.0) -> dict:
+    with trio.fail_after(timeout_s):
+        while True:
+            st = await status(site)
+            if predicate(st):
+                return st
+            await trio.sleep(0.05)
+
+
+async def test_switchover_forced_promotion_and_old_primary_rolled_back(tmp_path) -> None:
+    opts = SiteOptions(mode="async", size="8MiB")
+    async with running_pair(str(tmp_path), opts) as pair:
+        # 1. Writes on A, then a planned switchover: no data loss, no resync.
+        ca = await NbdClient.connect_unix(pair.a.nbd, "demo")
+        async with trio.open_nursery() as n:
+            await n.start(ca.run)
+            w = Writer(ca, 8 << 20, seed=21)
+            await w.write(100, blocks=512)
+            await ca.aclose()
+            n.cancel_scope.cancel()
+        await wait_status(pair.a, lambda s: s["lag_writes"] == 0)
+        proc = await run_cli("switchover", "--config", pair.a.config, "--to", pair.b.config)
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert b"no resync" in proc.stdout
+        sb = await wait_status(pair.b, lambda s: s["role"] == "primary" and s["connected"])
+        assert (await status(pair.a))["role"] == "secondary"
+        assert sb["last_decision"]["action"] == "in-sync"  # same generation: no resync
+        cb = await NbdClient.connect_unix(pair.b.nbd, "demo")
+        async with trio.open_nursery() as n:
+            await n.start(cb.run)
+            w.client = cb
+            await w.write(50, blocks=512)
+            await wait_status(pair.b, lambda s: s["lag_writes"] == 0)
+            # 2. Site B is cut off; it keeps writing (async) what will be lost.
+            pair.cut()
+            lost = Writer(cb, 8 << 20, seed=99)
+            await lost.write(20, blocks=512)
+            await cb.aclose()
+            n.cancel_scope.cancel()
+        proc = await run_cli("promote", "--config", pair.a.config)
+        assert proc.returncode != 0 and b"--force" in proc.stderr  # refused without force
+        proc = await run_cli("promote", "--config", pair.a.config, "--force")
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert b"FORCED promotion" in proc.stdout
+        ca = await NbdClient.connect_unix(pair.a.nbd, "demo")
+        async with trio.open_nursery() as n:
+            await n.start(ca.run)
+            w.client = ca
+            await w.write(30, blocks=512)  # the new primary's writes
+            await ca.aclose()
+            n.cancel_scope.cancel()
+        # 3. The old primary comes back: the operator demotes it, the link heals,
+        #    and the forced primary rolls its divergent writes back.
+        proc = await run_cli("demote", "--config", pair.b.config)
+        assert proc.returncode == 0, proc.stderr.decode()
+        pair.restore()
+        sa = await wait_status(
+            pair.a,
+            lambda s: (
+                s["connected"]
+                and s["resyncs_completed"] >= 1
+                and not s["resync_active"]
+                and s["lag_writes"] == 0
+            ),
+        )
+        assert sa["last_decision"]["action"] == "resync"
+        await wait_status(pair.b, lambda s: s["consistency"] == "consistent")
+        assert await pair.stop() == (0, 0)
+    expected = xxhash.xxh3_128_hexdigest(w.image())
+    assert digest(pair.a.store) == expected  # the forced primary's history
+    assert digest(pair.b.store) == expected  # B's 20 divergent writes rolled back

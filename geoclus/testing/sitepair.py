@@ -87,7 +87,8 @@ class SitePair:
     def __init__(self, workdir: str, options: SiteOptions | None = None) -> None:
         self.workdir = os.path.abspath(workdir)
         self.options = options or SiteOptions()
-        self.link: LinkEmulator | None = None
+        self.link: LinkEmulator | None = None  # a -> b
+        self.link_back: LinkEmulator | None = None  # b -> a (after a role swap)
         self.a = self._site("a", "primary")
         self.b = self._site("b", "secondary")
 
@@ -103,7 +104,20 @@ class SitePair:
             f"{w}/{name}.log",
         )
 
-    def _write_configs(self, b_port: int, link_port: int) -> None:
+    def cut(self) -> None:
+        """Cut both directions of the inter-site link."""
+        for link in (self.link, self.link_back):
+            if link is not None:
+                link.cut()
+
+    def restore(self) -> None:
+        for link in (self.link, self.link_back):
+            if link is not None:
+                link.restore()
+
+    def _write_configs(
+        self, b_port: int, link_port: int, a_port: int = 0, back_port: int | None = None
+    ) -> None:
         o = self.options
         if o.tls:
             from geoclus.ca import init_ca, issue_node_cert
@@ -114,8 +128,8 @@ class SitePair:
                 issue_node_cert(ca_dir, "site-a")
                 issue_node_cert(ca_dir, "site-b")
         for site, listen, peer, node, peer_node in (
-            (self.a, free_port(), link_port, "site-a", "site-b"),
-            (self.b, b_port, None, "site-b", "site-a"),
+            (self.a, a_port or free_port(), link_port, "site-a", "site-b"),
+            (self.b, b_port, back_port, "site-b", "site-a"),
         ):
             tls = (
                 f'{{ ca = "ca/ca.crt", cert = "ca/{node}.crt", key = "ca/{node}.key", '
@@ -199,7 +213,22 @@ class SitePair:
             )
         )
         link_port = await nursery.start(self.link.serve)
-        self._write_configs(b_port, link_port if o.use_link_emulator else b_port)
+        a_port = free_port()
+        self.link_back = LinkEmulator(
+            LinkEmulatorConfig(
+                target_host="127.0.0.1",
+                target_port=a_port,
+                settings=LinkSettings(o.one_way_delay_s, o.jitter_s, o.rate_bps),
+                seed=2,
+            )
+        )
+        back_port = await nursery.start(self.link_back.serve)
+        self._write_configs(
+            b_port,
+            link_port if o.use_link_emulator else b_port,
+            a_port,
+            back_port if o.use_link_emulator else a_port,
+        )
         await self._start_site(self.b)
         await self._start_site(self.a)
         await self.wait_connected()
