@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import click
 import trio
@@ -60,9 +61,9 @@ class ModeResult:
     def check(self, name: str, ok: bool, detail: str = "") -> None:
         self.checks.append((name, ok, detail))
 
-    def percentile_ms(self, p: float) -> float:
+    def percentile_ms(self, p: float) -> float | None:
         if not self.latencies_s:
-            return float("nan")
+            return None
         ordered = sorted(self.latencies_s)
         return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1e3
 
@@ -275,6 +276,125 @@ async def run_mode(
     return res
 
 
+async def _ctl(site: Any, cmd: str, **args: Any) -> dict[str, Any]:
+    from geoclus.control import request
+
+    return await trio.to_thread.run_sync(
+        lambda: request(site.control, cmd, timeout_s=120.0, **args)
+    )
+
+
+async def _wait(site: Any, predicate: Any, timeout_s: float = 60.0) -> dict[str, Any]:
+    with trio.move_on_after(timeout_s):
+        while True:
+            st = await trio.to_thread.run_sync(site.status)
+            if predicate(st):
+                return st
+            await trio.sleep(0.05)
+    return await trio.to_thread.run_sync(site.status)
+
+
+async def _write_through(
+    path: str, history: History, n: int, rng: random.Random, record: bool = True
+) -> None:
+    client = await NbdClient.connect_unix(path, "demo")
+    size = history.size_bytes
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        for _ in range(n):
+            offset = rng.randrange(size // BLOCK_BYTES) * BLOCK_BYTES
+            data = rng.randbytes(BLOCK_BYTES)
+            await client.write(offset, data)
+            if record:
+                history.writes.append((offset, data))
+        await client.flush()
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def run_roles(workdir: str, *, delay_s: float, progress: Progress) -> ModeResult:
+    """Third act: switchover, forced promotion, split brain and its resolution."""
+    res = ModeResult("roles")
+    opts = SiteOptions(mode="async", one_way_delay_s=delay_s, size="16MiB")
+    history = History(16 * 1024 * 1024)
+    rng = random.Random(7)
+    async with running_pair(workdir, opts) as pair:
+        a, b = pair.a, pair.b
+        progress.show("[roles] writing on site A", force=True)
+        await _write_through(a.nbd, history, 200, rng)
+        await _wait(a, lambda s: s["lag_writes"] == 0)
+        # Planned switchover.
+        progress.show("[roles] switchover A -> B", force=True)
+        d = await _ctl(a, "demote")
+        p = await _ctl(b, "promote", force=False) if d["peer_drained"] else None
+        sb = await _wait(b, lambda s: s["connected"])
+        res.check(
+            "switchover without data loss or resync",
+            bool(p) and (sb.get("last_decision") or {}).get("action") == "in-sync",
+            f"A demoted at write {d['last_seq']} (drained: {d['peer_drained']}); B primary, "
+            f"decision {(sb.get('last_decision') or {}).get('action')}",
+        )
+        await _write_through(b.nbd, history, 100, rng)
+        await _wait(b, lambda s: s["lag_writes"] == 0)
+        res.writes = len(history.writes)
+        # The sites lose each other; B (primary) keeps writing; A is forced up.
+        progress.show("[roles] link cut; B keeps writing; A promoted by force", force=True)
+        pair.cut()
+        await _write_through(b.nbd, history, 50, random.Random(99), record=False)
+        f = await _ctl(a, "promote", force=True)
+        res.check(
+            "forced promotion of the cut-off site",
+            f.get("forced") is True,
+            f"A primary at write {f['applied_seq']}, generation {f['generation']}",
+        )
+        await _write_through(a.nbd, history, 60, rng)
+        # Link back: two primaries that changed data on their own.
+        progress.show("[roles] link restored: two primaries", force=True)
+        pair.restore()
+        sa = await _wait(a, lambda s: "primary" in (s.get("last_error") or ""), 30)
+        detected = "split brain" in (sa.get("last_error") or "")
+        res.check(
+            "split brain detected and refused", detected, sa.get("last_error") or "not detected"
+        )
+        # The operator picks the survivor: B is demoted and its changes discarded.
+        progress.show("[roles] operator: demote B, discard its changes", force=True)
+        await _ctl(b, "demote")
+        await _ctl(b, "resolve", discard_local=True)
+        sa = await _wait(
+            a,
+            lambda s: (
+                s["connected"]
+                and s["resyncs_completed"] >= 1
+                and not s["resync_active"]
+                and s["lag_writes"] == 0
+            ),
+        )
+        sb = await _wait(b, lambda s: s["consistency"] == "consistent")
+        res.check(
+            "B rolled back by resync from A",
+            sa["resyncs_completed"] >= 1 and sb["consistency"] == "consistent",
+            f"decision: {(sa.get('last_decision') or {}).get('reason', '-')}",
+        )
+        res.writes = len(history.writes)
+        res.bytes_written = res.writes * BLOCK_BYTES
+        code_a, code_b = await pair.stop()
+        res.check(
+            "both daemons stopped cleanly",
+            code_a == 0 and code_b == 0,
+            f"exit codes {code_a}, {code_b}",
+        )
+    expected = history.image_digest(len(history.writes))
+    da, db = _file_digest(pair.a.store), _file_digest(pair.b.store)
+    res.check("A holds the surviving history", da == expected, f"xxh3 {da[:16]}")
+    res.check("B equals A (its 50 divergent writes discarded)", db == da, f"xxh3 {db[:16]}")
+    progress.done()
+    return res
+
+
+def _fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _report(results: list[ModeResult], delay_s: float) -> str:
     lines = [
         "",
@@ -289,7 +409,8 @@ def _report(results: list[ModeResult], delay_s: float) -> str:
         rtt = "-" if r.rtt_ms is None else f"{r.rtt_ms:.2f}"
         lines.append(
             f"{r.mode:<6} {r.writes:>7} {r.bytes_written / 1e6:>7.1f} "
-            f"{r.percentile_ms(50):>8.2f} {r.percentile_ms(99):>8.2f} {rtt:>7} {lag:>20} "
+            f"{_fmt_ms(r.percentile_ms(50)):>8} {_fmt_ms(r.percentile_ms(99)):>8} {rtt:>7} "
+            f"{lag:>20} "
             f"{r.cut_s:>6.1f}  {'OK' if r.ok else 'FAIL'}"
         )
     lines.append("")
@@ -305,6 +426,11 @@ async def run_demo(
     progress = Progress()
     results = []
     for mode in modes:
+        if mode == "roles":
+            results.append(
+                await run_roles(os.path.join(workdir, mode), delay_s=delay_s, progress=progress)
+            )
+            continue
         results.append(
             await run_mode(
                 mode,
@@ -332,14 +458,14 @@ async def run_demo(
     "--mode",
     "modes",
     multiple=True,
-    type=click.Choice(["sync", "async"]),
-    help="Run only these modes (default: sync then async).",
+    type=click.Choice(["sync", "async", "roles"]),
+    help="Run only these acts (default: sync, async, then roles).",
 )
 @click.option("--keep", is_flag=True, help="Keep the work directory (logs, images).")
 def demo(phase_s: float, delay_ms: float, modes: tuple[str, ...], keep: bool) -> None:
     """Two sites on this machine: replicate, cut the link, verify with xxh3."""
     workdir = tempfile.mkdtemp(prefix="geoclus-demo-")
-    modes = modes or ("sync", "async")
+    modes = modes or ("sync", "async", "roles")
     ok = False
     try:
         results = trio.run(run_demo, workdir, phase_s, delay_ms / 1e3, modes)
