@@ -45,6 +45,7 @@ demo: $(STAMP) $(DEBSTAMP)
 
 bench: $(STAMP) $(DEBSTAMP)
 	$(VPY) -m bench.replication
+	$(VPY) -m bench.resync
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache

@@ -461,7 +461,19 @@ class PrimaryCore:
             return "admit"
         if self.policy.mode == Mode.SYNC:
             return "wait" if self.peer_required() else "overflow"
+        if any(p.resyncing for p in self.peers.values()):
+            # Pulling ahead now would abandon the resync, which would start
+            # over and fill the log again: a livelock. Back-pressure instead,
+            # until the resync is through.
+            return "wait"
         return "wait" if self.policy.on_congestion == "block" else "overflow"
+
+    def resync_admission(self, length: int) -> bool:
+        """May the next resync copy (``length`` bytes) be sequenced now? Resync
+        copies take at most half the retained log, leaving the other half to
+        application writes."""
+        wire = ENTRY_HEADER_BYTES + length
+        return self.log_bytes == 0 or self.log_bytes + wire <= self.policy.max_lag_bytes // 2
 
     def _cum_at(self, seq: int) -> int:
         if seq < self._log_first:
@@ -730,6 +742,8 @@ class PrimaryCore:
         if ack.applied_seq > p.applied:
             p.applied = ack.applied_seq
             p.cum_applied = self._cum_at(ack.applied_seq)
+            if p.resyncing:
+                self._trim()
         if ack.durable_seq > p.durable:
             p.durable = ack.durable_seq
             self._trim()
@@ -738,7 +752,11 @@ class PrimaryCore:
 
     def _trim(self) -> None:
         """Drop log entries every peer still replicating has made durable."""
-        live = [p.durable for p in self.peers.values() if not p.outdated]
+        # A peer being resynced is inconsistent until the end, and a crash of
+        # it restarts the resync: nothing needs keeping past what it applied.
+        live = [
+            p.applied if p.resyncing else p.durable for p in self.peers.values() if not p.outdated
+        ]
         floor = min(live) if live else self.last_seq
         while self._log_first <= floor:
             e = self._log.pop(self._log_first, None)

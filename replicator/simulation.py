@@ -267,8 +267,8 @@ class Simulation:
             self._resync_done_sent = True
             return True
         offset, length = span
-        if core.admission(length) != "admit":
-            return False  # waits for room in the log, whatever the policy
+        if not core.resync_admission(length):
+            return False  # waits for room in its half of the log
         seq = core.submit_resync(self.now_s)
         self.history.append((WriteKind.WRITE, offset, length, b""))  # filled at the read
         blockers = set(self.overlap.add(seq, offset, length))

@@ -612,7 +612,7 @@ class ReplicatedVolume:
             # Resync copies wait for room in the retained log, whatever the
             # congestion policy: only application writes may pull ahead (a
             # resync that pulled itself ahead would start over forever).
-            while core.admission(length) != "admit":
+            while not core.resync_admission(length):
                 if not core.peer.resyncing:
                     return  # the peer went outdated meanwhile: a later connect redoes it
                 await self._wait_changed()

@@ -284,14 +284,16 @@ def test_seeded_simulation_catches_broken_resync_rules(
         max_batch_bytes=4096,
         region_bytes=1024,
     )
-    caught = 0
+    caught = aimed = 0
     for seed in range(300):
         try:
             run_random(policy, seed, **{fault: True})
         except AssertionError as exc:
-            assert expected in str(exc)
+            # Any invariant may fire first (a broken rule breaks several);
+            # count them all, and require the one the fault is aimed at too.
             caught += 1
-    assert caught >= minimum, f"only {caught}/300 seeds caught {fault}"
+            aimed += expected in str(exc)
+    assert aimed >= minimum, f"only {aimed}/300 seeds caught {fault} as expected ({caught} in all)"
 
 
 def test_resyncs_happen_and_complete_in_the_simulation() -> None:
