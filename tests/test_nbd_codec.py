@@ -88,6 +88,15 @@ def new_codec(**kwargs: object) -> NbdServerCodec:
     return codec
 
 
+def assert_broken_after(codec: NbdServerCodec, err: ProtocolError | None) -> None:
+    """Only ProtocolError may stop decoding (anything else already failed the
+    test), and after one the codec stays broken: nothing more is decoded."""
+    if err is not None:
+        assert err.reason
+        with pytest.raises(ProtocolError):
+            codec.next_event()
+
+
 def drive(
     codec: NbdServerCodec, chunks: list[bytes], eof: bool = False
 ) -> tuple[list[Event], ProtocolError | None, bytes]:
@@ -583,14 +592,16 @@ def _split(data: bytes, cuts: list[int]) -> list[bytes]:
 @given(data=st.binary(max_size=600), cuts=st.lists(st.integers(0, 10_000), max_size=8))
 def test_random_bytes_to_handshake_only_raise_protocol_error(data: bytes, cuts: list[int]) -> None:
     codec = new_codec()
-    drive(codec, _split(client_flags() + data, cuts), eof=True)
+    _events, err, _ = drive(codec, _split(client_flags() + data, cuts), eof=True)
+    assert_broken_after(codec, err)
 
 
 @FUZZ
 @given(data=st.binary(max_size=600), cuts=st.lists(st.integers(0, 10_000), max_size=8))
 def test_random_bytes_to_first_handshake_bytes(data: bytes, cuts: list[int]) -> None:
     codec = new_codec()
-    drive(codec, _split(data, cuts), eof=True)
+    _events, err, _ = drive(codec, _split(data, cuts), eof=True)
+    assert_broken_after(codec, err)
 
 
 @FUZZ
@@ -631,7 +642,8 @@ def test_plausible_request_streams_only_raise_protocol_error(
 ) -> None:
     codec = new_codec(max_payload_bytes=8192)
     enter_transmission(codec)
-    drive(codec, _split(b"".join(frames), cuts), eof=True)
+    _events, err, _ = drive(codec, _split(b"".join(frames), cuts), eof=True)
+    assert_broken_after(codec, err)
 
 
 @FUZZ

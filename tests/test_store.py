@@ -243,8 +243,11 @@ def test_fdatasync_os_error_becomes_store_error(store, monkeypatch) -> None:
 
 def test_close_is_idempotent(tmp_path) -> None:
     s = FileStore(str(tmp_path / "v.img"), SIZE, BS)
+    fd = s._fd
     s.close()
-    s.close()
+    s.close()  # a second close neither raises nor closes someone else's fd
+    with pytest.raises(OSError):
+        os.fstat(fd)  # the descriptor really is closed
 
 
 # ---------------------------------------------------------------- AsyncStore
