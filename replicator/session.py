@@ -256,22 +256,6 @@ class PrimaryCore:
         out, self._went_outdated = self._went_outdated, set()
         return out
 
-    def peer_connected_for_resync(
-        self, remote: Hello, version: int, peer: str | None = None
-    ) -> Welcome:
-        """The generation decision says ``peer`` must be resynced from us: accept
-        the connection but treat the peer as outdated (nothing is shipped until
-        a resync brings it back)."""
-        p = self._peer(peer)
-        p.connected = True
-        self.stats.connects += 1
-        p.flush_sent = 0
-        if not p.outdated:
-            self.go_outdated(p.name)
-        p.applied = p.sent = remote.applied_seq
-        p.durable = min(remote.durable_seq, remote.applied_seq)
-        return Welcome(version, remote.applied_seq + 1, self.last_seq)
-
     def can_resume(self, remote: Hello, peer: str | None = None) -> bool:
         """True if the retained log holds every write ``remote`` lacks (so it
         can catch up in order instead of by a resync)."""

@@ -70,6 +70,7 @@ from replicator.generations import (
     fresh,
     on_crash_restart,
     on_promote,
+    on_resolve_discard,
     on_write_unreplicated,
     unknown_copy,
 )
@@ -1396,7 +1397,9 @@ class ReplicatedVolume:
                 f"{self.spec.node} is primary for {self.spec.name}: demote it (restart it "
                 'with role = "secondary") before discarding its data'
             )
-        self.gens = replace(self.gens, discard=discard_local)
+        self.gens = (
+            on_resolve_discard(self.gens) if discard_local else replace(self.gens, discard=False)
+        )
         self.events.add(
             "resolve",
             "operator: this copy's own changes will be discarded at the next connect"
