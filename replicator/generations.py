@@ -396,6 +396,21 @@ def decide(
     )
 
 
+def may_catch_up(decision: Decision, peer: GenState) -> bool:
+    """True if a peer that ``decision`` says to resync from us may instead catch
+    up through our retained log (when the log still covers it) and then adopt
+    our lineage: a delta from our bitmap alone, to a peer that is not the
+    target of a cut-off resync (regions that resync did not reach are in no
+    log). The caller also checks that the log covers the peer."""
+    return (
+        decision.action is Action.RESYNC
+        and decision.source == "local"
+        and not decision.full
+        and "peer" not in decision.bitmaps
+        and not peer.inconsistent
+    )
+
+
 def _policy_loser(
     local: GenState, peer: GenState, common: int, policy: SplitBrainPolicy
 ) -> str | None:

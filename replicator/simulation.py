@@ -53,6 +53,7 @@ from replicator.generations import (
     after_resync,
     decide,
     fresh,
+    may_catch_up,
     on_write_unreplicated,
 )
 from replicator.genfile import decode_genstate, encode_genstate
@@ -401,14 +402,7 @@ class Simulation:
         if decision.action is Action.IN_SYNC:
             answer = core.peer_connected(s_hello, version)
             self._shared_gen = self.p_gens.current.id
-        elif (
-            decision.action is Action.RESYNC
-            and decision.source == "local"
-            and not decision.full
-            and "peer" not in decision.bitmaps
-            and not decoded[1].inconsistent
-            and core.can_resume(s_hello)
-        ):
+        elif may_catch_up(decision, decoded[1]) and core.can_resume(s_hello):
             # Catch up through the log, then adopt our lineage (as the shell).
             # Never for an inconsistent peer: regions its cut-off resync did
             # not reach are in no log.

@@ -68,6 +68,7 @@ from replicator.generations import (
     after_resync,
     decide,
     fresh,
+    may_catch_up,
     on_crash_restart,
     on_promote,
     on_resolve_discard,
@@ -246,7 +247,7 @@ class ReplicatedVolume:
         self._link_scope: trio.CancelScope | None = None
         self._peer_demoted = False  # the old primary announced a clean demotion
         self._adopt_announcement: int | None = None
-        self._last_peer_inconsistent = False
+        self._last_peer_gens: GenState | None = None
         # The newest generation the peer may hold (in sync at connect, or
         # announced for adoption): diverging from it needs a new generation.
         self._shared_gen: int | None = None
@@ -587,6 +588,7 @@ class ReplicatedVolume:
 
     def _decide(self, remote: Hello) -> Decision:
         """The generation decision for this peer (docs/generations.md)."""
+        self._last_peer_gens = None
         if not remote.lineage:
             # An older peer: only the current generation can be compared.
             same = remote.generation == self.gens.current.id
@@ -599,7 +601,7 @@ class ReplicatedVolume:
         decoded = decode_genstate(remote.lineage)
         if decoded is None:
             raise ProtocolError("HELLO carries a lineage that does not decode")
-        self._last_peer_inconsistent = decoded[1].inconsistent
+        self._last_peer_gens = decoded[1]
         return decide(self.gens, decoded[1], self.spec.split_brain_policy)
 
     async def _resync_task(self, ch: FrameChannel) -> None:
@@ -837,15 +839,10 @@ class ReplicatedVolume:
             answer = core.peer_connected(remote, version)
             self._shared_gen = self.gens.current.id
         elif (
-            decision.action is Action.RESYNC
-            and decision.source == "local"
-            and not decision.full
-            and "peer" not in decision.bitmaps
-            and not self._last_peer_inconsistent
+            self._last_peer_gens is not None
+            and may_catch_up(decision, self._last_peer_gens)
             and core.can_resume(remote)
         ):
-            # (Never for an inconsistent peer: regions its cut-off resync did
-            # not reach are in no log.)
             # The peer only lacks writes still in our log: it catches up in
             # order (staying a prefix) and then adopts our lineage.
             answer = core.peer_connected(remote, version)

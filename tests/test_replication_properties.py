@@ -307,3 +307,34 @@ def test_resyncs_happen_and_complete_in_the_simulation() -> None:
         started += sim.stats.resyncs_started
         completed += sim.stats.resyncs_completed
     assert started > 40 and completed >= 40  # every run ends resynced
+
+
+def test_catch_up_of_a_cut_off_resync_target_is_caught(monkeypatch) -> None:
+    """Break the catch-up rule on purpose (let a peer whose resync was cut off
+    catch up through the log, skipping regions the resync never reached): the
+    simulation must find the secondary is no longer a prefix."""
+    from dataclasses import replace
+
+    import replicator.simulation as simulation
+    from replicator.generations import may_catch_up
+
+    def broken(decision, peer):  # type: ignore[no-untyped-def]
+        return may_catch_up(decision, replace(peer, inconsistent=False))
+
+    monkeypatch.setattr(simulation, "may_catch_up", broken)
+    policy = ReplicationPolicy(
+        mode=Mode.ASYNC,
+        on_congestion="pull-ahead",
+        max_lag_bytes=8 * 1024,
+        max_in_flight_bytes=4096,
+        max_batch_bytes=4096,
+        region_bytes=1024,
+    )
+    caught = 0
+    for seed in range(60):
+        try:
+            run_random(policy, seed)
+        except AssertionError as exc:
+            assert "not the primary's history" in str(exc)
+            caught += 1
+    assert caught >= 3, f"only {caught}/60 seeds caught the broken catch-up rule"
