@@ -16,6 +16,7 @@ messages into bytes.
 from __future__ import annotations
 
 import enum
+import itertools
 import struct
 from dataclasses import dataclass
 
@@ -56,6 +57,7 @@ class FrameType(enum.IntEnum):
     PONG = 8
     BYE = 9
     RESYNC_DONE = 10
+    DIFFERS = 11
 
 
 class Role(enum.IntEnum):
@@ -72,6 +74,24 @@ class WriteKind(enum.IntEnum):
     WRITE = 0
     ZEROES = 1
     TRIM = 2
+    # Not a write: the sender's xxh3-64 digest of [offset, offset+length) at
+    # this point of the sequence (8 bytes of data). The receiver compares it
+    # with its own image at the same point and reports a mismatch in DIFFERS.
+    # Checksum-skipping resync and online verify are built on it.
+    DIGEST = 3
+
+
+# Bytes of data a DIGEST entry carries (an xxh3-64, big-endian).
+DIGEST_BYTES = 8
+
+
+def entry_data_bytes(kind: WriteKind, length: int) -> int:
+    """Bytes of data an entry of ``kind`` covering ``length`` bytes carries."""
+    if kind == WriteKind.WRITE:
+        return length
+    if kind == WriteKind.DIGEST:
+        return DIGEST_BYTES
+    return 0
 
 
 HELLO_FLAG_CLEAN = 0x01  # the sender's copy was shut down cleanly
@@ -155,7 +175,7 @@ class WriteEntry:
 
     @property
     def wire_bytes(self) -> int:
-        return _ENTRY.size + (self.length if self.kind == WriteKind.WRITE else 0)
+        return _ENTRY.size + entry_data_bytes(self.kind, self.length)
 
 
 @dataclass(frozen=True)
@@ -202,7 +222,17 @@ class Bye:
     reason: str
 
 
-Message = Hello | Welcome | Refuse | Writes | Flush | Ack | Ping | Pong | Bye | ResyncDone
+@dataclass(frozen=True)
+class Differs:
+    """The DIGEST entries ``seqs`` did not match the receiver's image at their
+    point of the sequence (sent before the ACK that covers them)."""
+
+    seqs: tuple[int, ...]
+
+
+Message = (
+    Hello | Welcome | Refuse | Writes | Flush | Ack | Ping | Pong | Bye | ResyncDone | Differs
+)
 
 _HELLO = struct.Struct(">HHBBBxIQ16sQQQ")
 _WELCOME = struct.Struct(">HHQQ")
@@ -213,6 +243,7 @@ _FLUSH = struct.Struct(">QQ")
 _ACK = struct.Struct(">QQQ")
 _PING = struct.Struct(">QQ")
 _STRLEN = struct.Struct(">H")
+_SEQ = struct.Struct(">Q")
 
 ENTRY_HEADER_BYTES = _ENTRY.size
 
@@ -247,9 +278,14 @@ def encode_payload(msg: Message) -> tuple[FrameType, list[bytes | memoryview]]:
         for e in msg.entries:
             flags = ENTRY_FLAG_FUA if e.fua else 0
             parts.append(_ENTRY.pack(e.seq, e.offset, e.length, e.kind, flags))
-            if e.kind == WriteKind.WRITE:
+            if e.kind in (WriteKind.WRITE, WriteKind.DIGEST):
                 parts.append(e.data)
         return FrameType.WRITES, parts
+    if isinstance(msg, Differs):
+        return FrameType.DIFFERS, [
+            _COUNT.pack(len(msg.seqs)),
+            *(_SEQ.pack(seq) for seq in msg.seqs),
+        ]
     if isinstance(msg, Ack):
         return FrameType.ACK, [_ACK.pack(msg.applied_seq, msg.durable_seq, msg.flush_id)]
     if isinstance(msg, Flush):
@@ -337,11 +373,12 @@ def _decode_writes(payload: memoryview, max_entries: int) -> Writes:
             raise ProtocolError(f"WRITES: sequence {seq} does not follow {prev_seq}")
         prev_seq = seq
         data = b""
-        if wkind == WriteKind.WRITE:
-            if pos + length > len(payload):
+        nbytes = entry_data_bytes(wkind, length)
+        if nbytes:
+            if pos + nbytes > len(payload):
                 raise ProtocolError("WRITES: truncated write data")
-            data = bytes(payload[pos : pos + length])
-            pos += length
+            data = bytes(payload[pos : pos + nbytes])
+            pos += nbytes
         entries.append(WriteEntry(seq, wkind, offset, length, bool(flags & ENTRY_FLAG_FUA), data))
     if pos != len(payload):
         raise ProtocolError(f"WRITES: {len(payload) - pos} trailing bytes after the entries")
@@ -417,6 +454,20 @@ def decode_payload(
         if n > MAX_LINEAGE_BYTES or _RESYNC_DONE.size + 2 + n != len(payload):
             raise ProtocolError("RESYNC_DONE: bad lineage length")
         return ResyncDone(upto, bytes(payload[_RESYNC_DONE.size + 2 :]))
+    if ftype == FrameType.DIFFERS:
+        if len(payload) < _COUNT.size:
+            raise ProtocolError("DIFFERS: truncated count")
+        (count,) = _COUNT.unpack_from(payload, 0)
+        if count > max_entries:
+            raise ProtocolError(f"DIFFERS: {count} entries exceeds the limit of {max_entries}")
+        if len(payload) != _COUNT.size + count * _SEQ.size:
+            raise ProtocolError("DIFFERS: payload length does not match the count")
+        seqs = tuple(
+            _SEQ.unpack_from(payload, _COUNT.size + i * _SEQ.size)[0] for i in range(count)
+        )
+        if any(b <= a for a, b in itertools.pairwise(seqs)):
+            raise ProtocolError("DIFFERS: sequence numbers not strictly increasing")
+        return Differs(seqs)
     if ftype in (FrameType.REFUSE, FrameType.BYE):
         what = FrameType(ftype).name
         reason, end = _decode_str(payload, 0, MAX_REASON_BYTES, what)

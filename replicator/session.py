@@ -28,15 +28,20 @@ Secondary guarantees:
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
+
+import xxhash
 
 from geoclus.errors import ProtocolError
 from replicator.bitmap import DEFAULT_REGION_BYTES, DirtyBitmap
 from replicator.frames import (
+    DIGEST_BYTES,
     ENTRY_HEADER_BYTES,
     WELCOME_FLAG_RESYNC,
     Ack,
+    Differs,
     Flush,
     Hello,
     Mode,
@@ -45,6 +50,7 @@ from replicator.frames import (
     WriteEntry,
     WriteKind,
     Writes,
+    entry_data_bytes,
 )
 
 PeerLossPolicy = Literal["suspend", "continue"]
@@ -69,6 +75,9 @@ class ReplicationPolicy:
     * ``region_bytes``: dirty-bitmap granularity.
     * ``peer_flush_interval_s``: how often the primary asks the peer to make
       applied writes durable so the retained log can be trimmed.
+    * ``resync_checksum``: a resync first compares xxh3 digests of each region
+      (DIGEST entries, compared by the target at the same point of the
+      sequence) and copies only the regions that differ.
     """
 
     mode: Mode = Mode.SYNC
@@ -80,6 +89,7 @@ class ReplicationPolicy:
     max_batch_entries: int = 1024
     region_bytes: int = DEFAULT_REGION_BYTES
     peer_flush_interval_s: float = 1.0
+    resync_checksum: bool = True
 
     def __post_init__(self) -> None:
         if self.on_peer_loss not in ("suspend", "continue"):
@@ -123,7 +133,7 @@ class LogEntry:
 
     @property
     def wire_bytes(self) -> int:
-        return ENTRY_HEADER_BYTES + (self.length if self.kind == WriteKind.WRITE else 0)
+        return ENTRY_HEADER_BYTES + entry_data_bytes(self.kind, self.length)
 
     def to_wire(self) -> WriteEntry:
         return WriteEntry(self.seq, self.kind, self.offset, self.length, self.fua, self.data)
@@ -146,6 +156,41 @@ class PrimaryStats:
     connects: int = 0
     disconnects: int = 0
     refusals: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VerifyRun:
+    """One online verify toward a peer: every region's digest is compared by
+    the peer at the same point of the write sequence, so a write in flight can
+    never cause a false mismatch. ``differ``: regions that really differ;
+    ``resync``: copy them as they are found."""
+
+    resync: bool
+    started_s: float
+    total_bytes: int
+    regions: int
+    next_region: int = 0
+    done_bytes: int = 0
+    differ: list[int] = field(default_factory=list)
+    copied: int = 0
+    finished_s: float | None = None
+    aborted: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.finished_s is None and self.aborted is None
+
+
+@dataclass(frozen=True)
+class BackgroundStep:
+    """The next piece of background work toward a peer: copy a region (a WRITE
+    of its current content) or compare it (a DIGEST of its current content)."""
+
+    kind: WriteKind
+    region: int
+    offset: int
+    length: int
+    purpose: str  # "resync" or "verify"
 
 
 @dataclass
@@ -182,6 +227,20 @@ class PeerState:
     resync_total_bytes: int = 0
     resync_done_bytes: int = 0
     resync_last_seq: int | None = None
+    resync_max_seq: int = 0
+    resync_announced: bool = False
+    resync_checksum: bool = False
+    resync_identical_bytes: int = 0
+    resync_copied_bytes: int = 0
+    # Background work in flight: DIGEST entries awaiting the peer's verdict
+    # (seq -> region, purpose), regions to copy (region, purpose), and resync
+    # entries sent but not yet applied (seq, wire bytes) for rate control.
+    digests_out: dict[int, tuple[int, str]] = field(default_factory=dict)
+    copy_queue: deque[tuple[int, str]] = field(default_factory=deque)
+    resync_unacked: deque[tuple[int, int]] = field(default_factory=deque)
+    resync_unacked_bytes: int = 0
+    # Online verify (docs/protocol.md, "Verify").
+    verify: VerifyRun | None = None
     # The peer has applied everything (last reported transition).
     caught_up: bool = False
 
@@ -238,6 +297,7 @@ class PrimaryCore:
         self._new_dirty: dict[str, list[int]] = {name: [] for name in peers}
         self._cleared: set[str] = set()
         self._went_outdated: set[str] = set()
+        self._verify_finished: set[str] = set()
 
     def _mark(self, p: PeerState, offset: int, length: int) -> None:
         self._new_dirty[p.name].extend(p.bitmap.mark(offset, length))
@@ -270,10 +330,12 @@ class PrimaryCore:
 
         The peer is rebased: it continues at our next sequence number, every
         region that may differ (its bitmap, or every region for ``full``) is
-        re-sequenced as a write of its current content by the shell
-        (:meth:`next_resync_region`, :meth:`submit_resync`, :meth:`fill_resync`),
-        and new application writes are shipped in order around them. The peer
-        is inconsistent until it has applied and made durable everything up to
+        re-sequenced by the shell (:meth:`next_resync_step`,
+        :meth:`submit_resync`, :meth:`fill_resync`) as a copy of its current
+        content, or first as a DIGEST when ``policy.resync_checksum`` (only the
+        regions the peer reports different are then copied), and new
+        application writes are shipped in order around them. The peer is
+        inconsistent until it has applied and made durable everything up to
         ``resync_last_seq``.
         """
         p = self._peer(peer)
@@ -287,10 +349,19 @@ class PrimaryCore:
         regions = list(range(p.bitmap.regions)) if full else list(p.bitmap)
         p.resyncing = True
         p.resync_full = full
+        p.resync_checksum = self.policy.resync_checksum
         p.resync_regions = regions
         p.resync_next = 0
         p.resync_done_bytes = 0
+        p.resync_identical_bytes = p.resync_copied_bytes = 0
+        p.digests_out.clear()
+        p.copy_queue.clear()
+        p.resync_unacked.clear()
+        p.resync_unacked_bytes = 0
+        p.verify = None
         p.resync_total_bytes = sum(self._region_span(r)[1] for r in regions)
+        p.resync_max_seq = self.last_seq
+        p.resync_announced = False
         p.resync_last_seq = None if regions else self.last_seq
         return Welcome(version, self.last_seq + 1, self.last_seq, WELCOME_FLAG_RESYNC)
 
@@ -298,48 +369,192 @@ class PrimaryCore:
         offset = region * self.policy.region_bytes
         return offset, min(self.policy.region_bytes, self.size_bytes - offset)
 
-    def next_resync_region(self, peer: str | None = None) -> tuple[int, int] | None:
-        """(offset, length) of the next region to copy, or None when all are
-        sequenced (or no resync runs)."""
+    def next_resync_step(self, peer: str | None = None) -> BackgroundStep | None:
+        """The next background step toward ``peer``: copies of regions found
+        different first, then the next region of the resync (a digest or a
+        copy), then the next region of a running verify; None when nothing is
+        to be sequenced now (work may still await the peer's verdicts)."""
         p = self._peer(peer)
-        if not p.resyncing or p.resync_next >= len(p.resync_regions):
+        if not p.connected or p.outdated:
             return None
-        return self._region_span(p.resync_regions[p.resync_next])
+        if p.copy_queue:
+            region, purpose = p.copy_queue[0]
+            return BackgroundStep(WriteKind.WRITE, region, *self._region_span(region), purpose)
+        if p.resyncing and p.resync_next < len(p.resync_regions):
+            region = p.resync_regions[p.resync_next]
+            kind = WriteKind.DIGEST if p.resync_checksum else WriteKind.WRITE
+            return BackgroundStep(kind, region, *self._region_span(region), "resync")
+        v = p.verify
+        if v is not None and v.running and not p.resyncing and v.next_region < v.regions:
+            region = v.next_region
+            return BackgroundStep(WriteKind.DIGEST, region, *self._region_span(region), "verify")
+        return None
+
+    def next_resync_region(self, peer: str | None = None) -> tuple[int, int] | None:
+        """(offset, length) of the next background step, or None."""
+        step = self.next_resync_step(peer)
+        return None if step is None else (step.offset, step.length)
 
     def submit_resync(self, now_s: float, peer: str | None = None) -> int:
-        """Sequence the next region's copy (data to follow); return its seq."""
+        """Sequence the next background step (data to follow in
+        :meth:`fill_resync`); return its seq."""
         p = self._peer(peer)
-        span = self.next_resync_region(peer)
-        if span is None:
-            raise AssertionError("no resync region to submit")
-        offset, length = span
-        seq = self.submit(WriteKind.WRITE, offset, length, b"", False, now_s, resync=True)
-        p.resync_next += 1
-        p.resync_done_bytes += length
-        if p.resync_next == len(p.resync_regions):
-            p.resync_last_seq = seq
-        self.stats.resync_writes += 1
+        step = self.next_resync_step(peer)
+        if step is None:
+            raise AssertionError("no background step to submit")
+        seq = self.submit(step.kind, step.offset, step.length, b"", False, now_s, resync=True)
+        e = self._log.get(seq) or self._pending[seq]
+        p.resync_unacked.append((seq, e.wire_bytes))
+        p.resync_unacked_bytes += e.wire_bytes
+        if p.copy_queue and step.kind == WriteKind.WRITE and p.copy_queue[0][0] == step.region:
+            p.copy_queue.popleft()
+            if step.purpose == "resync":
+                p.resync_done_bytes += step.length
+                p.resync_copied_bytes += step.length
+            elif p.verify is not None:
+                p.verify.copied += 1
+        elif step.purpose == "resync":
+            p.resync_next += 1
+            if step.kind == WriteKind.DIGEST:
+                p.digests_out[seq] = (step.region, "resync")
+            else:
+                p.resync_done_bytes += step.length
+                p.resync_copied_bytes += step.length
+        else:
+            assert p.verify is not None
+            p.verify.next_region += 1
+            p.digests_out[seq] = (step.region, "verify")
+        if step.purpose == "resync":
+            self.stats.resync_writes += 1
+        p.resync_max_seq = seq
+        self._settle(p, now_s)
         return seq
 
     def fill_resync(self, seq: int, data: bytes) -> list[int]:
-        """The region copy ``seq`` was read: it may be shipped now."""
+        """The region of background entry ``seq`` was read (its content at
+        this point of the sequence): it may be shipped now. A DIGEST entry
+        carries the xxh3-64 of ``data`` instead of ``data``."""
         e = self._pending.get(seq) or self._log.get(seq)
         if e is None:
             return []
         if len(data) != e.length:
             raise AssertionError(f"resync data of {len(data)} bytes for a {e.length}-byte entry")
-        e.data = data
+        e.data = region_digest(data) if e.kind == WriteKind.DIGEST else data
         e.ready = True
         return self.local_done(seq)
 
+    def on_differs(self, msg: Differs, now_s: float = 0.0, peer: str | None = None) -> None:
+        """The peer found the DIGEST entries ``msg.seqs`` different from its
+        image: copy those regions (resync, or a verify with resync), or record
+        them (verify). Raises ProtocolError for a seq that is not an
+        outstanding DIGEST (nothing changes then)."""
+        p = self._peer(peer)
+        if not p.connected:
+            raise ProtocolError("DIFFERS before the handshake completed")
+        unknown = [seq for seq in msg.seqs if seq not in p.digests_out or seq > p.sent]
+        if unknown:
+            raise ProtocolError(
+                f"DIFFERS names {unknown[0]}, which is no DIGEST awaiting a verdict"
+            )
+        for seq in msg.seqs:
+            region, purpose = p.digests_out.pop(seq)
+            if purpose == "resync":
+                p.copy_queue.append((region, "resync"))
+            elif p.verify is not None:
+                p.verify.differ.append(region)
+                p.verify.done_bytes += self._region_span(region)[1]
+                if p.verify.resync:
+                    p.copy_queue.append((region, "verify"))
+        self._settle(p, now_s)
+
+    def _settle(self, p: PeerState, now_s: float) -> None:
+        """Digests the peer has applied without reporting them are identical;
+        the resync and verify end once nothing of them is outstanding."""
+        for seq in [s for s in p.digests_out if s <= p.applied]:
+            region, purpose = p.digests_out.pop(seq)
+            length = self._region_span(region)[1]
+            if purpose == "resync":
+                p.resync_done_bytes += length
+                p.resync_identical_bytes += length
+            elif p.verify is not None:
+                p.verify.done_bytes += length
+        while p.resync_unacked and p.resync_unacked[0][0] <= p.applied:
+            p.resync_unacked_bytes -= p.resync_unacked.popleft()[1]
+        outstanding = {purpose for _, purpose in p.digests_out.values()}
+        outstanding |= {purpose for _, purpose in p.copy_queue}
+        if (
+            p.resyncing
+            and p.resync_last_seq is None
+            and p.resync_next >= len(p.resync_regions)
+            and "resync" not in outstanding
+        ):
+            p.resync_last_seq = p.resync_max_seq
+        v = p.verify
+        if (
+            v is not None
+            and v.running
+            and v.next_region >= v.regions
+            and "verify" not in outstanding
+        ):
+            v.finished_s = now_s
+            self._verify_finished.add(p.name)
+
+    def start_verify(self, now_s: float, *, resync: bool, peer: str | None = None) -> VerifyRun:
+        """Begin an online verify of ``peer``: every region is compared at the
+        same point of the sequence on both sides. Raises ValueError (saying
+        what to do) if the peer is not replicating normally."""
+        p = self._peer(peer)
+        if not p.connected:
+            raise ValueError("the peer is not connected: verify needs it; check the link first")
+        if p.outdated or p.resyncing:
+            raise ValueError(
+                "the peer is being resynchronised (or needs to be): verify after the resync"
+            )
+        if p.verify is not None and p.verify.running:
+            raise ValueError("a verify is already running; watch it with `geoclus volume status`")
+        regions = p.bitmap.regions
+        p.verify = VerifyRun(resync, now_s, self.size_bytes, regions)
+        return p.verify
+
+    def _end_background(self, p: PeerState, why: str) -> None:
+        p.digests_out.clear()
+        p.copy_queue.clear()
+        p.resync_unacked.clear()
+        p.resync_unacked_bytes = 0
+        if p.verify is not None and p.verify.running:
+            p.verify.aborted = why
+            self._verify_finished.add(p.name)
+
+    def take_verify_finished(self) -> set[str]:
+        """Peers whose verify finished since the last call."""
+        out, self._verify_finished = self._verify_finished, set()
+        return out
+
+    def resync_in_flight_bytes(self, peer: str | None = None) -> int:
+        """Wire bytes of background entries sequenced but not yet applied by the peer."""
+        return self._peer(peer).resync_unacked_bytes
+
+    def announce_resync_done(self, peer: str | None = None) -> int | None:
+        """If every region of the resync is sequenced and settled and the end
+        was not announced yet: the sequence number to announce in RESYNC_DONE
+        (the caller sends it now); else None. A resync completes only after
+        its end was announced."""
+        p = self._peer(peer)
+        if not p.resyncing or p.resync_last_seq is None or p.resync_announced:
+            return None
+        p.resync_announced = True
+        return p.resync_last_seq
+
     def take_resync_completed(self) -> set[str]:
-        """Peers whose resync just completed (everything up to its last entry is
-        durable there); their bitmaps are cleared."""
+        """Peers whose resync just completed (its end announced, and
+        everything up to its last entry durable there); their bitmaps are
+        cleared."""
         done = set()
         for p in self.peers.values():
             if (
                 p.resyncing
                 and p.connected
+                and p.resync_announced
                 and p.resync_last_seq is not None
                 and p.durable >= p.resync_last_seq
             ):
@@ -440,7 +655,7 @@ class PrimaryCore:
         """
         if self._all_outdated():
             return "admit"
-        wire = ENTRY_HEADER_BYTES + (length if kind == WriteKind.WRITE else 0)
+        wire = ENTRY_HEADER_BYTES + entry_data_bytes(kind, length)
         if self.log_bytes == 0 or self.log_bytes + wire <= self.policy.max_lag_bytes:
             return "admit"
         if self.policy.mode == Mode.SYNC:
@@ -526,6 +741,7 @@ class PrimaryCore:
             p.outdated = True
             p.resyncing = False  # a resync cut short starts over later
             p.resync_last_seq = None
+            self._end_background(p, "the peer went outdated")
             p.cum_applied = p.cum_sent = self._cum_total
             self.stats.went_outdated += 1
             self._went_outdated.add(p.name)
@@ -549,14 +765,17 @@ class PrimaryCore:
         """
         seq = self.last_seq + 1
         self.last_seq = seq
-        wire = ENTRY_HEADER_BYTES + (length if kind == WriteKind.WRITE else 0)
+        wire = ENTRY_HEADER_BYTES + entry_data_bytes(kind, length)
         self._cum_total += wire
         e = LogEntry(seq, kind, offset, length, fua, data, now_s, self._cum_total)
         if resync:
             e.ready = False
             e.resync = True
         for p in self.peers.values():
-            if (p.outdated or not p.connected) and not resync:
+            # A resync target may roll back to its pre-resync image (its undo
+            # log): every write shipped to it during the resync stays marked
+            # until the resync completes.
+            if (p.outdated or not p.connected or p.resyncing) and not resync:
                 self._mark(p, offset, length)
             if p.outdated:
                 p.cum_applied = p.cum_sent = self._cum_total
@@ -664,6 +883,7 @@ class PrimaryCore:
             # say so again: the target has not adopted our lineage).
             p.resyncing = False
             p.resync_last_seq = None
+        self._end_background(p, "the link to the peer was lost")
         p.sent = p.applied
         p.cum_sent = p.cum_applied
         if not p.outdated:
@@ -701,7 +921,7 @@ class PrimaryCore:
         self.stats.entries_sent += len(entries)
         return Writes(tuple(entries))
 
-    def on_ack(self, ack: Ack, peer: str | None = None) -> list[int]:
+    def on_ack(self, ack: Ack, peer: str | None = None, now_s: float = 0.0) -> list[int]:
         """Apply a cumulative ACK from ``peer``; return writes that now complete.
 
         Raises ProtocolError for an ACK that goes backwards or covers writes
@@ -731,6 +951,7 @@ class PrimaryCore:
         if ack.durable_seq > p.durable:
             p.durable = ack.durable_seq
             self._trim()
+        self._settle(p, now_s)
         self._maybe_clear_bitmap(p)
         return self._collect()
 
@@ -808,6 +1029,11 @@ class PrimaryCore:
         return Flush(p.flush_wanted, fid)
 
 
+def region_digest(data: bytes) -> bytes:
+    """The digest a DIGEST entry carries: xxh3-64 of the region, big-endian."""
+    return xxhash.xxh3_64_digest(data)
+
+
 class SecondaryCore:
     """Replication state of a secondary copy receiving from one primary."""
 
@@ -837,6 +1063,7 @@ class SecondaryCore:
         self._flush_id = 0
         self._fua_upto = 0
         self.primary_seq = 0
+        self._differs: list[int] = []
 
     def on_welcome(self, welcome: Welcome) -> None:
         """The primary accepted us and resumes at ``resume_seq``.
@@ -893,12 +1120,32 @@ class SecondaryCore:
                 )
             if e.kind == WriteKind.WRITE and len(e.data) != e.length:
                 raise ProtocolError(f"write {e.seq} carries {len(e.data)} bytes, says {e.length}")
+            if e.kind == WriteKind.DIGEST and len(e.data) != DIGEST_BYTES:
+                raise ProtocolError(f"digest {e.seq} carries {len(e.data)} bytes, not 8")
             if e.fua:
                 self._fua_upto = e.seq
         self.received_seq = batch.entries[-1].seq
         if self._fault_out_of_order:
             return tuple(reversed(batch.entries))
         return batch.entries
+
+    def digest_differs(self, entry: WriteEntry, region: bytes) -> bool:
+        """Compare DIGEST ``entry`` with ``region`` (our image of its span,
+        read after every earlier entry was applied); a mismatch is reported in
+        the next :meth:`take_differs`. Returns True if they differ."""
+        if entry.kind != WriteKind.DIGEST or len(region) != entry.length:
+            raise AssertionError(f"entry {entry.seq} is no DIGEST of {len(region)} bytes")
+        differs = region_digest(region) != entry.data
+        if differs:
+            self._differs.append(entry.seq)
+        return differs
+
+    def take_differs(self) -> Differs | None:
+        """The DIFFERS frame to send before the next ACK, if any."""
+        if not self._differs:
+            return None
+        seqs, self._differs = sorted(self._differs), []
+        return Differs(tuple(seqs))
 
     def applied(self, seq: int) -> None:
         """Writes up to ``seq`` are in the store."""
@@ -910,6 +1157,7 @@ class SecondaryCore:
         """The connection ended: forget what was received but not applied."""
         self.welcomed = False
         self.received_seq = self.applied_seq
+        self._differs = []
         self._flush_upto = 0
         self._fua_upto = min(self._fua_upto, self.applied_seq)
 

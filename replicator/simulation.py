@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from geoclus.errors import ProtocolError
 from replicator.frames import (
     Ack,
+    Differs,
     Flush,
     FrameDecoder,
     FrameEncoder,
@@ -150,8 +151,12 @@ class Simulation:
         fault_primary_ignore_overlaps: bool = False,
         fault_resync_ignores_overlaps: bool = False,
         fault_resync_target_not_marked: bool = False,
+        fault_ignore_differs: bool = False,
     ) -> None:
         self.fault_resync_ignores_overlaps = fault_resync_ignores_overlaps
+        # Test-only: the primary drops DIFFERS, so a region whose digest did
+        # not match is taken as identical (a broken checksum-skip rule).
+        self.fault_ignore_differs = fault_ignore_differs
         self.fault_resync_target_not_marked = fault_resync_target_not_marked
         self.policy = policy
         self.size_bytes = blocks * BLOCK
@@ -184,7 +189,6 @@ class Simulation:
         self.p_gens: GenState = fresh(primary=True)
         self.s_gens: GenState = fresh(primary=False)
         self._next_gen = 1000
-        self._resync_done_sent = False
         self._resync_lineage: bytes | None = None
         self._shared_gen: int | None = FRESH
         self.to_secondary: list[bytes] = []
@@ -213,6 +217,8 @@ class Simulation:
         base_k = max(j for j in self._prefix_cache if j <= k)
         img = bytearray(self._prefix_cache[base_k])
         for kind, offset, length, data in self.history[base_k:k]:
+            if kind == WriteKind.DIGEST:
+                continue  # a comparison, not a write
             img[offset : offset + length] = data if kind == WriteKind.WRITE else bytes(length)
         self._prefix_cache[k] = bytes(img)
         return self._prefix_cache[k]
@@ -255,28 +261,27 @@ class Simulation:
         core = self.primary
         if not self.connected or not core.peer.resyncing:
             return False
-        span = core.next_resync_region()
-        if span is None:
-            last = core.peer.resync_last_seq
-            if last is None or self._resync_done_sent:
+        step = core.next_resync_step()
+        if step is None:
+            last = core.announce_resync_done()
+            if last is None:
                 return False
             self._shared_gen = self.p_gens.current.id
             self.to_secondary.append(
                 self.p_enc.encode(ResyncDone(last, encode_genstate(self.p_gens, 0)))
             )
             core.request_peer_flush()
-            self._resync_done_sent = True
             return True
-        offset, length = span
+        offset, length = step.offset, step.length
         if not core.resync_admission(length):
             return False  # waits for room in its half of the log
         seq = core.submit_resync(self.now_s)
-        self.history.append((WriteKind.WRITE, offset, length, b""))  # filled at the read
+        self.history.append((step.kind, offset, length, b""))  # filled at the read
         blockers = set(self.overlap.add(seq, offset, length))
         if self.fault_resync_ignores_overlaps:
             blockers = set()  # test-only fault: read without waiting for earlier writes
         self.pending_local[seq] = PendingLocal(
-            seq, WriteKind.WRITE, offset, length, b"", False, blockers, resync=True
+            seq, step.kind, offset, length, b"", False, blockers, resync=True
         )
         return True
 
@@ -296,7 +301,7 @@ class Simulation:
             # Read the region as it is now: every earlier overlapping write has
             # been applied and no later one yet (the overlap rule).
             data = bytes(self.primary_disk[p.offset : p.offset + p.length])
-            self.history[seq - 1] = (WriteKind.WRITE, p.offset, p.length, data)
+            self.history[seq - 1] = (p.kind, p.offset, p.length, data)
             self.overlap.remove(seq)
             self._completed(self.primary.fill_resync(seq, data))
             return True
@@ -427,7 +432,6 @@ class Simulation:
                 self.s_gens = replace(self.s_gens, inconsistent=True)
             self.sec_meta_durable = sec.durable_seq
             self.durable_torn = True
-            self._resync_done_sent = False
             self.replaying_until = None
         elif self.replaying:
             self.replaying_until = answer.primary_seq
@@ -540,6 +544,10 @@ class Simulation:
             # The core decides the order; the shell (and we) apply in that order.
             ordered, last_seq = item
             for e in ordered:
+                if e.kind == WriteKind.DIGEST:
+                    img = bytes(self.sec_disk.image()[e.offset : e.offset + e.length])
+                    sec.digest_differs(e, img)
+                    continue
                 data = e.data if e.kind == WriteKind.WRITE else bytes(e.length)
                 self.sec_disk.write(e.offset, data)
             sec.applied(last_seq)
@@ -555,6 +563,9 @@ class Simulation:
         if sec.sync_needed():
             self.secondary_sync()
         self._maybe_resync_complete()
+        differs = sec.take_differs()
+        if differs is not None:
+            self.to_primary.append(self.s_enc.encode(differs))
         self.to_primary.append(self.s_enc.encode(sec.ack()))
         return True
 
@@ -595,9 +606,13 @@ class Simulation:
                 msg = self.p_dec.next_message()
                 if msg is None:
                     break
+                if isinstance(msg, Differs):
+                    if not self.fault_ignore_differs:
+                        self.primary.on_differs(msg, self.now_s)
+                    continue
                 if not isinstance(msg, Ack):
                     raise ProtocolError(f"unexpected {type(msg).__name__}")
-                self._completed(self.primary.on_ack(msg))
+                self._completed(self.primary.on_ack(msg, now_s=self.now_s))
                 self._note_core()
         except ProtocolError as exc:
             self._protocol_failure(exc)
@@ -678,6 +693,17 @@ class Simulation:
                 progressed = True
             progressed |= self.secondary_sync()
             while self.deliver_to_primary():
+                progressed = True
+            if (
+                not progressed
+                and self.connected
+                and (self.s_dec.buffered_bytes or self.p_dec.buffered_bytes)
+                and not (self.to_secondary or self.to_primary)
+            ):
+                # A corrupted length field leaves a receiver waiting for bytes
+                # that never come; the shell's keepalive watchdog ends such a
+                # silent session, and so do we.
+                self.cut()
                 progressed = True
             self.tick(self.policy.peer_flush_interval_s)
             self.check()

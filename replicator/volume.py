@@ -42,6 +42,7 @@ from replicator.frames import (
     WELCOME_FLAG_RESYNC,
     Ack,
     Bye,
+    Differs,
     Flush,
     FrameDecoder,
     FrameEncoder,
@@ -605,27 +606,33 @@ class ReplicatedVolume:
         return decide(self.gens, decoded[1], self.spec.split_brain_policy)
 
     async def _resync_task(self, ch: FrameChannel) -> None:
-        """Copy every region the peer may lack, as writes sequenced in order
-        with the application's (so no resync data ever overwrites a newer
-        write), bounded by the retained-log limit; then announce the end."""
+        """Background work toward the peer for the whole session: resync and
+        verify. Each step (a region's copy, or its DIGEST) is sequenced in
+        order with the application's writes (so no resync data ever
+        overwrites a newer write, and a digest is compared at the same point
+        on both sides), bounded by its half of the retained log. A finished
+        resync is announced with RESYNC_DONE."""
         core = self.primary
         assert core is not None
-        while (span := core.next_resync_region()) is not None:
-            offset, length = span
+        while True:
+            step = core.next_resync_step()
+            if step is None:
+                last = core.announce_resync_done()
+                if last is not None:
+                    self._shared_gen = self.gens.current.id
+                    await ch.send(ResyncDone(last, encode_genstate(self.gens, 0)))
+                    core.request_peer_flush()
+                    self._notify()
+                await self._wait_changed()
+                continue
             # Resync copies wait for room in the retained log, whatever the
             # congestion policy: only application writes may pull ahead (a
             # resync that pulled itself ahead would start over forever).
-            while not core.resync_admission(length):
-                if not core.peer.resyncing:
-                    return  # the peer went outdated meanwhile: a later connect redoes it
+            if not core.resync_admission(step.length):
                 await self._wait_changed()
-            # Waiting yields: the resync may have ended or moved on meanwhile.
-            span = core.next_resync_region()
-            if span is None:
-                return
-            offset, length = span
+                continue
             seq = core.submit_resync(trio.current_time())
-            blockers = self._overlap.add(seq, offset, length)
+            blockers = self._overlap.add(seq, step.offset, step.length)
             local_done = trio.Event()
             self._local_done_events[seq] = local_done
             try:
@@ -635,7 +642,7 @@ class ReplicatedVolume:
                         if ev is not None:
                             await ev.wait()
                     try:
-                        data = await self.store.read(offset, length)
+                        data = await self.store.read(step.offset, step.length)
                     except StoreError as exc:
                         log.error("volume %s: resync read failed: %s", self.spec.name, exc)
                         core.go_outdated()
@@ -647,13 +654,6 @@ class ReplicatedVolume:
                 self._local_done_events.pop(seq, None)
                 local_done.set()
             self._notify()
-        last = core.peer.resync_last_seq
-        if last is None or not core.peer.resyncing:
-            return
-        self._shared_gen = self.gens.current.id
-        await ch.send(ResyncDone(last, encode_genstate(self.gens, 0)))
-        core.request_peer_flush()
-        self._notify()
 
     # ------------------------------------------------------------------ bitmap
 
@@ -791,6 +791,7 @@ class ReplicatedVolume:
                 self.connected_peer = None
                 if self.primary is not None:
                     self._complete(self.primary.peer_lost())
+                    self._report_verify()
                     self._diverge_if_peer_lacks_writes()
                     self._note_bitmap_changes()
                     with trio.CancelScope(shield=True):
@@ -903,7 +904,7 @@ class ReplicatedVolume:
             if self.primary is not None:
                 self.primary.request_peer_flush()
         async with trio.open_nursery() as nursery:
-            if self.primary is not None and self.primary.peer.resyncing:
+            if self.primary is not None:
                 nursery.start_soon(self._resync_task, ch)
             nursery.start_soon(self._primary_sender, ch)
             nursery.start_soon(self._keepalive, ch)
@@ -939,8 +940,12 @@ class ReplicatedVolume:
         assert core is not None
         while True:
             msg = await ch.receive()
-            if isinstance(msg, Ack):
-                self._complete(core.on_ack(msg))
+            if isinstance(msg, Differs):
+                core.on_differs(msg, trio.current_time())
+                self._notify()
+            elif isinstance(msg, Ack):
+                self._complete(core.on_ack(msg, now_s=trio.current_time()))
+                self._report_verify()
                 if core.take_resync_completed():
                     self.resyncs_completed += 1
                     self.events.add("resync", "resync complete: the peer is consistent again")
@@ -1162,9 +1167,14 @@ class ReplicatedVolume:
             if core.resync_complete():
                 with trio.CancelScope(shield=True):
                     await self._adopt_resynced_lineage()
+            differs = core.take_differs()
+            if differs is not None:
+                await ch.send(differs)  # ahead of the ACK that covers them
             await ch.send(core.ack())
 
     async def _apply_batch(self, entries: tuple[WriteEntry, ...]) -> None:
+        core = self.secondary
+        assert core is not None
         run: list[tuple[int, bytes]] = []
         for e in entries:
             if e.kind == WriteKind.WRITE:
@@ -1173,6 +1183,11 @@ class ReplicatedVolume:
             if run:
                 await self.store.write_many(run)
                 run = []
+            if e.kind == WriteKind.DIGEST:
+                # Compared at exactly this point of the sequence: every earlier
+                # write is applied here, as it was on the primary when it read.
+                core.digest_differs(e, await self.store.read(e.offset, e.length))
+                continue
             await self.store.write_zeroes(e.offset, e.length, e.kind == WriteKind.TRIM)
         if run:
             await self.store.write_many(run)
@@ -1433,6 +1448,78 @@ class ReplicatedVolume:
         )
         return len(released)
 
+    def start_verify(self, *, resync: bool = False) -> dict[str, Any]:
+        """Begin an online verify of the peer (primary only): every region's
+        digest is compared by the peer at the same point of the write
+        sequence, so writes in flight never cause false mismatches. With
+        ``resync`` the regions that differ are copied as they are found.
+        Returns the verify status; raises NotPrimaryError on a secondary and
+        GeoclusError if the peer is not replicating normally."""
+        core = self.primary
+        if core is None or self._role != Role.PRIMARY:
+            raise NotPrimaryError(
+                f"volume {self.spec.name} is secondary on this site: run verify on the primary"
+            )
+        try:
+            core.start_verify(trio.current_time(), resync=resync)
+        except ValueError as exc:
+            raise GeoclusError(f"cannot verify {self.spec.name}: {exc}") from None
+        self.events.add(
+            "verify",
+            f"online verify of {self.connected_peer or 'the peer'} starts"
+            + (" (regions that differ will be resynced)" if resync else ""),
+        )
+        self._notify()
+        return self.verify_status()
+
+    def verify_status(self) -> dict[str, Any]:
+        """The last (or running) verify, JSON-ready; ``state`` is ``none``,
+        ``running``, ``done`` or ``aborted``."""
+        core = self.primary
+        v = core.peer.verify if core is not None else None
+        if v is None:
+            return {"state": "none"}
+        region_bytes = self.spec.policy.region_bytes
+        state = "running" if v.running else ("aborted" if v.aborted else "done")
+        now = trio.current_time()
+        elapsed = max(1e-6, (v.finished_s or now) - v.started_s)
+        rate = v.done_bytes / elapsed
+        return {
+            "state": state,
+            "resync": v.resync,
+            "done_bytes": v.done_bytes,
+            "total_bytes": v.total_bytes,
+            "rate_bytes_per_s": rate,
+            "eta_s": (v.total_bytes - v.done_bytes) / rate if state == "running" and rate else None,
+            "differ_regions": len(v.differ),
+            "differ_bytes": len(v.differ) * region_bytes,
+            "differ_offsets": [r * region_bytes for r in v.differ[:64]],
+            "resynced_regions": v.copied,
+            "aborted": v.aborted,
+        }
+
+    def _report_verify(self) -> None:
+        core = self.primary
+        if core is None or not core.take_verify_finished():
+            return
+        st = self.verify_status()
+        if st["state"] == "aborted":
+            text = f"verify aborted after {st['done_bytes']} bytes: {st['aborted']}; run it again"
+        elif st["differ_regions"] == 0:
+            text = f"verify done: all {st['total_bytes']} bytes identical on both sides"
+        else:
+            text = (
+                f"verify done: {st['differ_regions']} regions ({st['differ_bytes']} bytes) "
+                "differ"
+                + (
+                    f", {st['resynced_regions']} resynced"
+                    if st["resync"]
+                    else "; run `geoclus volume verify --resync` to repair them"
+                )
+            )
+        log.warning("volume %s: %s", self.spec.name, text)
+        self.events.add("verify", text, differ_regions=st["differ_regions"])
+
     @property
     def closed(self) -> bool:
         """True once :meth:`close` has finished."""
@@ -1524,6 +1611,9 @@ class ReplicatedVolume:
                 resync_full=core.peer.resync_full if core.peer.resyncing else None,
                 resync_done_bytes=core.peer.resync_done_bytes if core.peer.resyncing else 0,
                 resync_total_bytes=core.peer.resync_total_bytes if core.peer.resyncing else 0,
+                resync_identical_bytes=core.peer.resync_identical_bytes,
+                resync_copied_bytes=core.peer.resync_copied_bytes,
+                verify=self.verify_status(),
                 **self._resync_rate(now),
             )
         else:

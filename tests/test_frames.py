@@ -16,6 +16,7 @@ from replicator.frames import (
     MAX_BATCH_ENTRIES,
     Ack,
     Bye,
+    Differs,
     Flush,
     FrameDecoder,
     FrameEncoder,
@@ -184,6 +185,8 @@ def writes_batches(draw: st.DrawFn) -> Writes:
         if kind == WriteKind.WRITE:
             data = draw(st.binary(max_size=64))
             length = len(data)
+        elif kind == WriteKind.DIGEST:
+            data, length = draw(st.binary(min_size=8, max_size=8)), draw(u32)
         else:
             data, length = b"", draw(u32)
         entries.append(WriteEntry(first + i, kind, draw(u64), length, draw(st.booleans()), data))
@@ -197,6 +200,7 @@ messages = st.one_of(
     writes_batches(),
     st.builds(Flush, u64, u64),
     st.builds(Ack, u64, u64, u64),
+    st.lists(u64, max_size=20, unique=True).map(lambda xs: Differs(tuple(sorted(xs)))),
     st.builds(Ping, u64, u64),
     st.builds(Pong, u64, u64),
     st.builds(Bye, _short_text(1024)),
@@ -307,7 +311,7 @@ def test_bad_version(version) -> None:
     assert "version" in err.reason
 
 
-@pytest.mark.parametrize("ftype", [0, 11, 42, 255])
+@pytest.mark.parametrize("ftype", [0, 12, 42, 255])
 def test_unknown_type(ftype) -> None:
     err = refused(frame(ftype, bytes(16)))
     assert "type" in err.reason and str(ftype) in err.reason
@@ -441,7 +445,7 @@ def test_writes_non_consecutive_seqs(second) -> None:
     assert "does not follow" in err.reason
 
 
-@pytest.mark.parametrize("kind", [3, 4, 255])
+@pytest.mark.parametrize("kind", [4, 5, 255])
 def test_writes_unknown_kind(kind) -> None:
     err = refused(frame(T_WRITES, writes_payload(entry(1, kind, 0, 512))))
     assert "kind" in err.reason
@@ -593,3 +597,25 @@ def test_welcome_with_unknown_flags_is_refused() -> None:
     dec.receive_data(frame(2, struct.pack(">HHQQ", 1, 0x80, 1, 1)))  # 2 = WELCOME
     with pytest.raises(ProtocolError, match="unknown flags"):
         dec.next_message()
+
+
+def test_differs_round_trip_and_bounds() -> None:
+    """DIFFERS carries strictly increasing seqs; anything else is refused."""
+    msg = Differs((3, 9, 40))
+    dec = FrameDecoder()
+    dec.receive_data(FrameEncoder().encode(msg))
+    assert dec.next_message() == msg
+    bad = struct.pack(">I", 2) + struct.pack(">QQ", 9, 3)
+    assert "increasing" in refused(frame(11, bad)).reason
+    short = struct.pack(">I", 3) + struct.pack(">Q", 1)
+    assert "count" in refused(frame(11, short)).reason
+
+
+def test_digest_entry_carries_eight_bytes() -> None:
+    """A DIGEST entry's data is exactly its 8-byte digest, whatever its length."""
+    e = WriteEntry(5, WriteKind.DIGEST, 65536, 65536, False, b"12345678")
+    dec = FrameDecoder()
+    dec.receive_data(FrameEncoder().encode(Writes((e,))))
+    got = dec.next_message()
+    assert got == Writes((e,))
+    assert e.wire_bytes == 24 + 8

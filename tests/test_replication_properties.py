@@ -265,16 +265,22 @@ def test_seeded_simulation_catches_broken_ordering(fault: str, expected: str) ->
 
 
 @pytest.mark.parametrize(
-    "fault,expected,minimum",
+    "fault,expected,minimum,checksum",
     [
         # Stale resync data needs a write pending in a region at the moment its
         # copy is read: rare per run, so many seeds.
-        ("fault_resync_ignores_overlaps", "primary image differs", 3),
-        ("fault_resync_target_not_marked", "not the primary's history", 30),
+        # (The copy path: with checksums a stale digest read only causes an
+        # extra copy, so this fault is aimed at resyncs without them.)
+        ("fault_resync_ignores_overlaps", "primary image differs", 3, False),
+        ("fault_resync_target_not_marked", "not the primary's history", 30, True),
+        ("fault_resync_target_not_marked", "not the primary's history", 30, False),
+        # Regions reported different taken as identical: the target adopts a
+        # lineage whose data it does not hold.
+        ("fault_ignore_differs", "not the primary's history", 30, True),
     ],
 )
 def test_seeded_simulation_catches_broken_resync_rules(
-    fault: str, expected: str, minimum: int
+    fault: str, expected: str, minimum: int, checksum: bool
 ) -> None:
     policy = ReplicationPolicy(
         mode=Mode.ASYNC,
@@ -283,6 +289,7 @@ def test_seeded_simulation_catches_broken_resync_rules(
         max_in_flight_bytes=4096,
         max_batch_bytes=4096,
         region_bytes=1024,
+        resync_checksum=checksum,
     )
     caught = aimed = 0
     for seed in range(300):
