@@ -179,12 +179,17 @@ class Daemon:
                 raise ControlError('resolve needs "discard_local": true or false')
             gens = await vol.resolve(discard_local=discard)
             return {"discard": gens.discard}
+        if cmd == "verify":
+            resync = req.get("resync", False)
+            if not isinstance(resync, bool):
+                raise ControlError('verify takes "resync": true or false')
+            return {"verify": vol.start_verify(resync=resync)}
         if cmd == "shutdown":
             self._shutdown.set()
             return {}
         raise ControlError(
             f"unknown command {cmd!r} (status, allow-degraded, promote, demote, resolve, "
-            "events, shutdown)"
+            "verify, events, shutdown)"
         )
 
     async def _signals(self) -> None:
