@@ -107,6 +107,9 @@ _ALLOWED = {
         "region_size",
         "bitmap",
         "after_split_brain",
+        "undo_max_bytes",
+        "activity_log_extents",
+        "activity_log_extent_size",
     },
     "node": {"name"},
     "replication": {
@@ -121,6 +124,8 @@ _ALLOWED = {
         "max_batch_bytes",
         "peer_flush_interval_s",
         "async_coalesce_s",
+        "resync_checksum",
+        "resync_max_rate",
     },
     "export": {"nbd", "name"},
     "control": {"socket"},
@@ -333,7 +338,36 @@ def parse_config(data: dict[str, Any], path: str = "<memory>") -> DaemonConfig:
         max_batch_bytes=max_batch,
         region_bytes=region,
         peer_flush_interval_s=r.seconds(rep, "replication", "peer_flush_interval_s", 1.0),
+        resync_checksum=r.get(rep, "replication", "resync_checksum", bool, True),
     )
+    # The undo log of a resync target (docs/format.md): "auto" holds the whole
+    # volume, so the copy stays promotable through any resync; 0 disables it.
+    undo_text = vol.get("undo_max_bytes", "auto")
+    undo_max: int | None = None
+    if undo_text != "auto":
+        undo_max = r.size(vol, "volume", "undo_max_bytes")
+        if 0 < undo_max < 1024 * 1024:
+            raise r.fail(
+                "volume.undo_max_bytes", f"{undo_max} bytes: use 0 (off), auto, or at least 1MiB"
+            )
+    al_extents = r.get(vol, "volume", "activity_log_extents", int, 1024)
+    if not 16 <= al_extents <= 65536:
+        raise r.fail("volume.activity_log_extents", f"{al_extents} must be in 16..65536")
+    al_extent = r.size(vol, "volume", "activity_log_extent_size", "4MiB")
+    if al_extent < region or al_extent & (al_extent - 1):
+        raise r.fail(
+            "volume.activity_log_extent_size",
+            f"{al_extent} must be a power of two no smaller than region_size ({region})",
+        )
+    rate_text = rep.get("resync_max_rate")
+    max_rate = None
+    if rate_text is not None:
+        max_rate = r.size(rep, "replication", "resync_max_rate")
+        if max_rate < 1024 * 1024:
+            raise r.fail(
+                "replication.resync_max_rate",
+                f"{max_rate} bytes/s is below 1MiB/s; leave it out to let the resync adapt",
+            )
     timers = LinkTimers(
         keepalive_interval_s=r.seconds(rep, "replication", "keepalive_interval_s", 0.5),
         peer_timeout_s=r.seconds(rep, "replication", "peer_timeout_s", 5.0),
@@ -418,6 +452,10 @@ def parse_config(data: dict[str, Any], path: str = "<memory>") -> DaemonConfig:
         node=node,
         timers=timers,
         bitmap_path=bitmap_path,
+        undo_max_bytes=undo_max,
+        al_extents=al_extents,
+        al_extent_bytes=al_extent,
+        resync_max_rate_bytes_s=max_rate,
         split_brain_policy=SplitBrainPolicy(
             r.choice(
                 vol, "volume", "after_split_brain", tuple(p.value for p in SplitBrainPolicy), "none"

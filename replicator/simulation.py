@@ -152,7 +152,16 @@ class Simulation:
         fault_resync_ignores_overlaps: bool = False,
         fault_resync_target_not_marked: bool = False,
         fault_ignore_differs: bool = False,
+        fault_undo_skip_save: bool = False,
     ) -> None:
+        # Test-only: the resync target writes a region without saving its old
+        # content in the undo log first (a broken write-ahead rule).
+        self.fault_undo_skip_save = fault_undo_skip_save
+        # The resync target's undo log (durable as soon as saved, as the
+        # shell fsyncs it before writing): region -> pre-resync content, and
+        # the history prefix that pre-resync image was.
+        self.undo: dict[int, bytes] | None = None
+        self.undo_base_k = 0
         self.fault_resync_ignores_overlaps = fault_resync_ignores_overlaps
         # Test-only: the primary drops DIFFERS, so a region whose digest did
         # not match is taken as identical (a broken checksum-skip rule).
@@ -425,6 +434,16 @@ class Simulation:
             self.stats.protocol_errors.append(answer.reason)
             return False
         assert isinstance(answer, Welcome)
+        if (
+            answer.flags
+            and self.undo is None
+            and not self.replaying
+            and not self.s_gens.inconsistent
+        ):
+            # As the shell: a consistent target flushes and starts its undo log.
+            self.sec_disk.flush()
+            self.undo = {}
+            self.undo_base_k = sec.applied_seq
         sec.on_welcome(answer)
         if answer.flags:
             # Rebased resync target: inconsistent (persisted) until done.
@@ -543,6 +562,15 @@ class Simulation:
         if isinstance(item, tuple):
             # The core decides the order; the shell (and we) apply in that order.
             ordered, last_seq = item
+            if self.undo is not None and not self.fault_undo_skip_save:
+                region = self.policy.region_bytes
+                image = self.sec_disk.image()
+                for e in ordered:
+                    if e.kind == WriteKind.DIGEST or not e.length:
+                        continue
+                    for r in range(e.offset // region, (e.offset + e.length - 1) // region + 1):
+                        if r not in self.undo:
+                            self.undo[r] = bytes(image[r * region : (r + 1) * region])
             for e in ordered:
                 if e.kind == WriteKind.DIGEST:
                     img = bytes(self.sec_disk.image()[e.offset : e.offset + e.length])
@@ -574,6 +602,7 @@ class Simulation:
             assert self._resync_lineage is not None
             decoded = decode_genstate(self._resync_lineage)
             assert decoded is not None
+            self.undo = None  # discarded before the lineage is adopted
             self.s_gens, _ = after_resync(self.s_gens, decoded[1])
             self.s_gens = replace(self.s_gens, primary=False)
             # The sync that completed it flushed everything: durable is a prefix.
@@ -649,6 +678,22 @@ class Simulation:
             assert image == self.prefix_image(sec.applied_seq), (
                 f"secondary image is not the primary's history after {sec.applied_seq} writes"
             )
+        # Property 8: a resync target with an undo log can always go back to
+        # its consistent pre-resync image, now and after a crash (what is
+        # durable, with the log applied).
+        if self.undo is not None:
+            base = self.prefix_image(self.undo_base_k)
+            region = self.policy.region_bytes
+            for img, what in (
+                (self.sec_disk.image(), "now"),
+                (self.sec_disk.durable, "after a crash"),
+            ):
+                rolled = bytearray(img)
+                for r, old in self.undo.items():
+                    rolled[r * region : r * region + len(old)] = old
+                assert rolled == base, (
+                    f"the undo log would not restore the pre-resync image ({what})"
+                )
         # Its durable part is a prefix too (what survives a crash), except for
         # the torn window after a crash, until the next sync.
         assert sec.durable_seq == self.sec_meta_durable

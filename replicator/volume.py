@@ -83,6 +83,7 @@ from replicator.meta import ROLE_PRIMARY, ROLE_SECONDARY, MetaFile, VolumeMeta
 from replicator.ordering import OverlapTracker
 from replicator.session import PrimaryCore, ReplicationPolicy, SecondaryCore
 from replicator.store import AsyncStore, FileStore, StoreOp, check_range
+from replicator.undolog import UndoFull, UndoLog
 
 log = logging.getLogger("geoclus.volume")
 
@@ -139,10 +140,36 @@ class VolumeSpec:
     bitmap_path: str | None = None
     # What to do with a split brain nobody resolved (docs/generations.md).
     split_brain_policy: SplitBrainPolicy = SplitBrainPolicy.NONE
+    # Bound of the resync undo log (STORE.undo): None holds the whole volume,
+    # 0 disables it (a resync target is then inconsistent until it completes).
+    undo_max_bytes: int | None = None
+    # Activity log (STORE.al): hot extents recorded before writing into them.
+    al_extents: int = 1024
+    al_extent_bytes: int = 4 * 1024 * 1024
+    # Optional hard cap of resync traffic; None lets the controller adapt.
+    resync_max_rate_bytes_s: int | None = None
 
     @property
     def bitmap_file_path(self) -> str:
         return self.bitmap_path or self.store_path + ".bitmap"
+
+    @property
+    def undo_file_path(self) -> str:
+        """The resync undo log (docs/format.md): STORE.undo."""
+        return self.store_path + ".undo"
+
+    @property
+    def al_file_path(self) -> str:
+        """The activity log (docs/format.md): STORE.al."""
+        return self.store_path + ".al"
+
+    @property
+    def undo_bytes(self) -> int:
+        """The undo log's bound: explicit, or room for every region."""
+        if self.undo_max_bytes is not None:
+            return self.undo_max_bytes
+        regions = -(-self.size_bytes // self.policy.region_bytes)
+        return 8192 + regions * (64 + self.policy.region_bytes)
 
     @property
     def gens_file_path(self) -> str:
@@ -228,8 +255,15 @@ class ReplicatedVolume:
         bitmap: DirtyBitmap | None = None,
         genfile: GenFile | None = None,
         gens: GenState | None = None,
+        undo: UndoLog | None = None,
+        undo_active: bool = False,
     ) -> None:
         self.spec = spec
+        # The resync undo log (docs/format.md): while active, this copy's
+        # pre-resync image can be restored, so it stays promotable.
+        self.undo = undo
+        self._undo_active = undo_active
+        self.undo_rollbacks = 0
         self.bitmap_file = bitmap_file
         self._loaded_bitmap = bitmap
         self._primary_channel: FrameChannel | None = None
@@ -338,6 +372,7 @@ class ReplicatedVolume:
             raise
         bitmap_file = None
         genfile = None
+        undo: UndoLog | None = None
         try:
             role_code = ROLE_PRIMARY if spec.role == Role.PRIMARY else ROLE_SECONDARY
             replaying = False
@@ -422,6 +457,36 @@ class ReplicatedVolume:
                         Generation(prev.generation, prev.created_ns, Cause.CREATE),
                         primary=is_primary,
                     )
+            undo_active = False
+            if spec.undo_bytes > 0:
+                undo = UndoLog(
+                    spec.undo_file_path, spec.size_bytes, spec.policy.region_bytes, spec.undo_bytes
+                )
+                ustate = undo.open()
+                if ustate.active and not (
+                    gens.inconsistent and ustate.base_generation == gens.current.id
+                ):
+                    log.warning(
+                        "volume %s: dropping an undo log that no longer belongs to this "
+                        "image (generation %#x)",
+                        spec.name,
+                        ustate.base_generation,
+                    )
+                    undo.discard()
+                elif ustate.active and is_primary:
+                    # A cut-off resync target now configured as primary: back to
+                    # its last consistent image before it serves anything.
+                    restored = undo.rollback(fstore.write, fstore.fdatasync)
+                    gens = replace(gens, inconsistent=False)
+                    log.warning(
+                        "volume %s: rolled back %d regions of a cut-off resync: the image "
+                        "is the consistent pre-resync one (generation %#x)",
+                        spec.name,
+                        restored,
+                        gens.current.id,
+                    )
+                else:
+                    undo_active = ustate.active
             if prev is not None and not prev.clean and is_primary:
                 gens = on_crash_restart(gens, state.generation, time.time_ns())
             gens = replace(gens, primary=is_primary)
@@ -435,6 +500,8 @@ class ReplicatedVolume:
                 bitmap_file.close()
             if genfile is not None:
                 genfile.close()
+            if undo is not None:
+                undo.close()
             raise
         vol = cls(
             spec,
@@ -446,6 +513,8 @@ class ReplicatedVolume:
             bitmap=bitmap,
             genfile=genfile,
             gens=gens,
+            undo=undo,
+            undo_active=undo_active,
         )
         vol.was_clean = was_clean
         return vol
@@ -1071,24 +1140,105 @@ class ReplicatedVolume:
             raise ProtocolError(f"expected WELCOME, got {type(answer).__name__}")
         core.on_welcome(answer)
         if answer.flags & WELCOME_FLAG_RESYNC:
-            # Ahead of anything the resync writes: this image is now a mix.
-            self.gens = replace(self.gens, inconsistent=True)
-            self.state = replace(self.state, seq=core.durable_seq)
             with trio.CancelScope(shield=True):
-                if self.genfile is not None:
-                    await trio.to_thread.run_sync(self.genfile.write, self.gens)
-                self.state = await trio.to_thread.run_sync(self.meta.write, self.state)
-            log.warning(
-                "volume %s: resync target from %s: inconsistent until it completes",
-                self.spec.name,
-                remote.node,
-            )
+                await self._begin_resync_target(remote.node)
         if self._replaying:
             if core.applied_seq >= answer.primary_seq:
                 # Nothing was written after our durable point: nothing is torn.
                 self._replaying = False
             else:
                 self._replay_until = answer.primary_seq
+
+    async def _begin_resync_target(self, source: str) -> None:
+        """We are a resync target: ahead of anything the resync writes, mark
+        the lineage inconsistent (so no reconnect can mistake this mix for a
+        prefix) and, when this image is consistent now, start (or continue)
+        the undo log that keeps it restorable."""
+        core = self.secondary
+        assert core is not None
+        undo = self.undo
+        base = self.gens.current.id
+        if undo is not None and not self._undo_active:
+            if self._replaying or self.gens.inconsistent:
+                undo = None  # a torn or mixed image is not worth restoring
+            else:
+                await self.store.flush()  # the image to restore is the durable one
+        if undo is not None:
+            await self.store.run_blocking(undo.begin, base)
+            self._undo_active = True
+        self.gens = replace(self.gens, inconsistent=True)
+        self.state = replace(self.state, seq=core.durable_seq)
+        if self.genfile is not None:
+            await trio.to_thread.run_sync(self.genfile.write, self.gens)
+        self.state = await trio.to_thread.run_sync(self.meta.write, self.state)
+        if self._undo_active:
+            self.events.add(
+                "resync",
+                f"resync target from {source}: the undo log keeps the pre-resync image "
+                f"(generation {base:#x}) restorable; this copy stays promotable",
+            )
+        else:
+            log.warning(
+                "volume %s: resync target from %s: inconsistent until it completes",
+                self.spec.name,
+                source,
+            )
+            self.events.add(
+                "resync", f"resync target from {source}: inconsistent until it completes"
+            )
+
+    async def _undo_save(self, entries: tuple[WriteEntry, ...]) -> None:
+        """Write-ahead for the undo log: the old content of every region this
+        batch changes for the first time is durable before the batch lands."""
+        undo = self.undo
+        if undo is None or not self._undo_active:
+            return
+        regions: set[int] = set()
+        for e in entries:
+            if e.kind != WriteKind.DIGEST:
+                regions.update(undo.needs_save(e.offset, e.length))
+        if not regions:
+            return
+        try:
+            await self.store.run_blocking(undo.save, sorted(regions), self.store.store.read)
+        except UndoFull as exc:
+            # Past its bound the log cannot restore the image any more: drop
+            # it; the copy is inconsistent (it already says so) until the end.
+            self._undo_active = False
+            await self.store.run_blocking(undo.discard)
+            log.warning(
+                "volume %s: %s; this copy is inconsistent until the resync ends",
+                self.spec.name,
+                exc,
+            )
+            self.events.add(
+                "resync",
+                f"undo log full ({exc}): this copy is inconsistent until the resync completes; "
+                "raise volume.undo_max_bytes to keep it promotable",
+            )
+
+    async def _rollback_undo(self) -> int:
+        """Restore the pre-resync image of a cut-off resync target."""
+        undo = self.undo
+        if undo is None or not self._undo_active:
+            return 0
+        fstore = self.store.store
+        restored = await self.store.run_blocking(undo.rollback, fstore.write, fstore.fdatasync)
+        self._undo_active = False
+        self.undo_rollbacks += 1
+        self.gens = replace(self.gens, inconsistent=False)
+        if self.genfile is not None:
+            await trio.to_thread.run_sync(self.genfile.write, self.gens)
+        self.events.add(
+            "rollback",
+            f"rolled back {restored} regions of the cut-off resync: this copy holds its "
+            f"consistent pre-resync image (generation {self.gens.current.id:#x})",
+            regions=restored,
+        )
+        log.warning(
+            "volume %s: rolled back %d regions of a cut-off resync", self.spec.name, restored
+        )
+        return restored
 
     async def _secondary_session(self, ch: FrameChannel) -> None:
         with _unwrap_link_errors():
@@ -1148,6 +1298,7 @@ class ReplicatedVolume:
                 ordered, last_seq = item
                 # Shielded: applied_seq must match what is in the store.
                 with trio.CancelScope(shield=True):
+                    await self._undo_save(ordered)
                     await self._apply_batch(ordered)
                     core.applied(last_seq)
                     if self._replay_until is not None and core.applied_seq >= self._replay_until:
@@ -1197,6 +1348,12 @@ class ReplicatedVolume:
         decoded = decode_genstate(self._resync_lineage) if self._resync_lineage else None
         if decoded is None:
             raise ProtocolError("RESYNC_DONE carried no valid lineage")
+        if self.undo is not None and self._undo_active:
+            # The resync is durable: the pre-resync image is not needed any
+            # more (dropped before the lineage changes: a crash in between
+            # leaves an inconsistent mark, never a stale undo under new data).
+            await self.store.run_blocking(self.undo.discard)
+            self._undo_active = False
         self.gens, _ = after_resync(self.gens, decoded[1])
         self.gens = replace(self.gens, primary=False)
         if self.genfile is not None:
@@ -1322,7 +1479,7 @@ class ReplicatedVolume:
             sec = self.secondary
             if sec is None or self._role != Role.SECONDARY:
                 raise GeoclusError(f"{self.spec.node} is already primary for {self.spec.name}")
-            inconsistent = self.consistency != "consistent"
+            inconsistent = self.consistency == "inconsistent"
             if inconsistent and not force:
                 raise GeoclusError(
                     "this copy is inconsistent (a resync or replay is unfinished): promoting "
@@ -1337,6 +1494,7 @@ class ReplicatedVolume:
             if self._session_scope is not None and self._session_done is not None:
                 self._session_scope.cancel()
                 await self._session_done.wait()
+            rolled_back = await self._rollback_undo()
             applied = sec.applied_seq
             known_primary = sec.primary_seq
             await self.store.flush()
@@ -1367,6 +1525,7 @@ class ReplicatedVolume:
                 "generation": f"{self.gens.current.id:#x}",
                 "known_missing_writes": missing if force else 0,
                 "was_inconsistent": inconsistent,
+                "rolled_back_regions": rolled_back,
             }
             self.events.add(
                 "role", f"{what}; {missing} writes known to be missing" if force else what, **report
@@ -1530,6 +1689,10 @@ class ReplicatedVolume:
         """``consistent`` or ``inconsistent`` (a secondary replaying after a
         crash). Whether a peer is outdated is the primary's knowledge and shows
         in its status as ``peer_outdated``."""
+        if self._undo_active:
+            # Mid-resync, but the undo log restores the consistent pre-resync
+            # image (a promotion does so): older, not broken.
+            return "outdated"
         if self._replaying or self.gens.inconsistent:
             return "inconsistent"
         return "consistent"

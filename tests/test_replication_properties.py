@@ -277,6 +277,8 @@ def test_seeded_simulation_catches_broken_ordering(fault: str, expected: str) ->
         # Regions reported different taken as identical: the target adopts a
         # lineage whose data it does not hold.
         ("fault_ignore_differs", "not the primary's history", 30, True),
+        # A resync target writing a region before saving its old content.
+        ("fault_undo_skip_save", "undo log would not restore", 30, True),
     ],
 )
 def test_seeded_simulation_catches_broken_resync_rules(
