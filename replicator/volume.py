@@ -17,6 +17,7 @@ store I/O in and out of them:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -38,6 +39,7 @@ from replicator.bitmap import DirtyBitmap
 from replicator.bitmapfile import BitmapFile
 from replicator.events import EventLog
 from replicator.frames import (
+    ENTRY_HEADER_BYTES,
     HELLO_FLAG_CLEAN,
     WELCOME_FLAG_RESYNC,
     Ack,
@@ -58,6 +60,7 @@ from replicator.frames import (
     WriteEntry,
     WriteKind,
     Writes,
+    entry_data_bytes,
 )
 from replicator.generations import (
     Action,
@@ -81,6 +84,7 @@ from replicator.handshake import check_hello, make_hello, negotiate_version
 from replicator.latency import LatencyRecorder
 from replicator.meta import ROLE_PRIMARY, ROLE_SECONDARY, MetaFile, VolumeMeta
 from replicator.ordering import OverlapTracker
+from replicator.ratecontrol import RateConfig, RateController
 from replicator.session import PrimaryCore, ReplicationPolicy, SecondaryCore
 from replicator.store import AsyncStore, FileStore, StoreOp, check_range
 from replicator.undolog import UndoFull, UndoLog
@@ -311,6 +315,19 @@ class ReplicatedVolume:
         )
         self._local_done_events: dict[int, trio.Event] = {}
         self._completion_events: dict[int, trio.Event] = {}
+        # Sizes the resync's in-flight window from measured application write
+        # latency and resync throughput (no knob but an optional hard cap).
+        self.rate = RateController(
+            RateConfig(
+                max_rate_bytes_s=spec.resync_max_rate_bytes_s,
+                region_bytes=spec.policy.region_bytes,
+                # One region in flight keeps a resync moving on any link; the
+                # controller starts at four and grows only while application
+                # writes stay as fast as without a resync.
+                min_window_bytes=spec.policy.region_bytes,
+                initial_window_bytes=4 * spec.policy.region_bytes,
+            )
+        )
         self.write_latency = LatencyRecorder()
         self.rtt = LatencyRecorder(1024)
         self.connected_peer: str | None = None
@@ -652,7 +669,9 @@ class ReplicatedVolume:
                 self._complete(core.local_done(seq))
             if not done.is_set():
                 await done.wait()
-            self.write_latency.add(trio.current_time() - start)
+            now = trio.current_time()
+            self.write_latency.add(now - start)
+            self.rate.on_app_write(now - start, now)
         finally:
             self.in_flight_writes -= 1
 
@@ -683,8 +702,41 @@ class ReplicatedVolume:
         resync is announced with RESYNC_DONE."""
         core = self.primary
         assert core is not None
+        rate = self.rate
+        try:
+            await self._background_steps(ch, core, rate)
+        finally:
+            rate.stop()
+
+    async def _background_steps(
+        self, ch: FrameChannel, core: PrimaryCore, rate: RateController
+    ) -> None:
         while True:
             step = core.next_resync_step()
+            busy = core.peer.resyncing or (
+                core.peer.verify is not None and core.peer.verify.running
+            )
+            now = trio.current_time()
+            if busy and not rate.active:
+                rate.start(now)
+            elif not busy and rate.active:
+                rate.stop()
+            if step is not None:
+                # The adaptive window: resync bytes in flight stay within what
+                # the link carries without delaying application writes.
+                in_flight = core.resync_in_flight_bytes()
+                rate.on_in_flight(in_flight, now)
+                wire = ENTRY_HEADER_BYTES + entry_data_bytes(step.kind, step.length)
+                if in_flight and in_flight + wire > rate.window_bytes(now):
+                    deadline = rate.next_deadline_s()
+                    await self._wait_changed(
+                        None if deadline is None else max(0.001, deadline - now)
+                    )
+                    continue
+                delay_s = rate.admit(wire, now)
+                if delay_s > 0:
+                    await trio.sleep(delay_s)  # the operator's hard cap
+                    continue
             if step is None:
                 last = core.announce_resync_done()
                 if last is not None:
@@ -1013,7 +1065,11 @@ class ReplicatedVolume:
                 core.on_differs(msg, trio.current_time())
                 self._notify()
             elif isinstance(msg, Ack):
+                before = core.resync_in_flight_bytes()
                 self._complete(core.on_ack(msg, now_s=trio.current_time()))
+                acked = before - core.resync_in_flight_bytes()
+                if acked > 0 and self.rate.active:
+                    self.rate.on_resync_acked(acked, trio.current_time())
                 self._report_verify()
                 if core.take_resync_completed():
                     self.resyncs_completed += 1
@@ -1777,6 +1833,7 @@ class ReplicatedVolume:
                 resync_identical_bytes=core.peer.resync_identical_bytes,
                 resync_copied_bytes=core.peer.resync_copied_bytes,
                 verify=self.verify_status(),
+                resync_rate_control=dataclasses.asdict(self.rate.statistics()),
                 **self._resync_rate(now),
             )
         else:
