@@ -134,6 +134,20 @@ def on_crash_restart(s: GenState, new_id: int, now_ns: int) -> GenState:
     )
 
 
+def on_crash_restart_logged(s: GenState, new_id: int, now_ns: int) -> GenState:
+    """A primary restarts after a crash, and its activity log's hot extents are
+    now durably marked in its bitmap: with the bitmap's earlier content, that
+    covers every region where the copies may differ since the current
+    generation (writes in flight at the crash were all in hot extents). A new
+    generation whose bitmap counts from the old one (or from where the bitmap
+    already counted), so the decision asks for a delta resync."""
+    history = (s.current, *s.history)[:MAX_HISTORY]
+    base = s.bitmap_base if s.bitmap_base is not None else s.current.id
+    return replace(
+        s, current=Generation(new_id, now_ns, Cause.DIVERGE), history=history, bitmap_base=base
+    )
+
+
 def on_demote(s: GenState) -> GenState:
     return replace(s, primary=False)
 

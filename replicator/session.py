@@ -887,7 +887,9 @@ class PrimaryCore:
         p.sent = p.applied
         p.cum_sent = p.cum_applied
         if not p.outdated:
-            for seq in range(max(p.applied + 1, self._log_first), self.last_seq + 1):
+            # From its durable point: what it applied but had not synced may
+            # be lost if it crashes too (the activity log counts on this).
+            for seq in range(max(p.durable + 1, self._log_first), self.last_seq + 1):
                 e = self._log[seq]
                 self._mark(p, e.offset, e.length)
         return self._collect()

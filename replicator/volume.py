@@ -915,8 +915,9 @@ class ReplicatedVolume:
                     self._report_verify()
                     self._diverge_if_peer_lacks_writes()
                     self._note_bitmap_changes()
-                    with trio.CancelScope(shield=True):
-                        await self._flush_bitmap()
+                    if not self._closed:  # close() persisted what it had to
+                        with trio.CancelScope(shield=True):
+                            await self._flush_bitmap()
                 self._notify()
                 if channel is not None:
                     await channel.aclose()
@@ -1868,7 +1869,13 @@ class ReplicatedVolume:
                 while self.in_flight_writes:
                     await self._wait_changed(0.05)
                 if drain and core is not None:
-                    while core.connected and not core.outdated and core.lag_writes:
+                    # Until the peer has every write durably: a restarted
+                    # primary has no log to replay from.
+                    upto = core.request_peer_flush()
+                    self._notify()
+                    while (
+                        core.connected and not core.outdated and core.peer_durable < upto
+                    ):
                         await self._wait_changed(0.05)
             try:
                 await self.store.flush()
@@ -1885,7 +1892,7 @@ class ReplicatedVolume:
                     self.state,
                     clean=True,
                     seq=core.last_seq,
-                    outdated=core.outdated or core.lag_writes > 0,
+                    outdated=core.outdated or core.peer_durable < core.last_seq,
                 )
             else:
                 assert self.secondary is not None
