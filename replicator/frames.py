@@ -230,9 +230,7 @@ class Differs:
     seqs: tuple[int, ...]
 
 
-Message = (
-    Hello | Welcome | Refuse | Writes | Flush | Ack | Ping | Pong | Bye | ResyncDone | Differs
-)
+Message = Hello | Welcome | Refuse | Writes | Flush | Ack | Ping | Pong | Bye | ResyncDone | Differs
 
 _HELLO = struct.Struct(">HHBBBxIQ16sQQQ")
 _WELCOME = struct.Struct(">HHQQ")

@@ -757,11 +757,14 @@ class PrimaryCore:
         now_s: float,
         *,
         resync: bool = False,
+        held: bool = False,
     ) -> int:
         """Sequence a write the caller has admitted; return its sequence number.
 
         ``resync``: a copy of a region for a resync (data filled in later by
         :meth:`fill_resync`); it marks no bitmap and counts as no application write.
+        ``held``: not shipped (nor anything after it) until :meth:`release`
+        (the shell first makes the write's activity-log record durable).
         """
         seq = self.last_seq + 1
         self.last_seq = seq
@@ -771,6 +774,8 @@ class PrimaryCore:
         if resync:
             e.ready = False
             e.resync = True
+        if held:
+            e.ready = False
         for p in self.peers.values():
             # A resync target may roll back to its pre-resync image (its undo
             # log): every write shipped to it during the resync stays marked
@@ -794,6 +799,12 @@ class PrimaryCore:
         self.stats.max_lag_bytes_seen = max(self.stats.max_lag_bytes_seen, self.lag_bytes)
         self.stats.max_lag_writes_seen = max(self.stats.max_lag_writes_seen, self.lag_writes)
         return seq
+
+    def release(self, seq: int) -> None:
+        """A write sequenced with ``held`` may be shipped now."""
+        e = self._pending.get(seq) or self._log.get(seq)
+        if e is not None:
+            e.ready = True
 
     def local_done(self, seq: int) -> list[int]:
         """The local store holds write ``seq``; return writes now complete."""
@@ -871,6 +882,17 @@ class PrimaryCore:
             self.degraded_allowed = False
         self._maybe_clear_bitmap(p)
         return Welcome(version, applied + 1, self.last_seq)
+
+    def mark_undurable(self) -> None:
+        """Mark in each replicating peer's bitmap every write it has not made
+        durable (the retained log is about to be lost: a clean stop)."""
+        for p in self.peers.values():
+            if p.outdated:
+                continue
+            for seq in range(max(p.durable + 1, self._log_first), self.last_seq + 1):
+                e = self._log.get(seq)
+                if e is not None and not e.resync:
+                    self._mark(p, e.offset, e.length)
 
     def peer_lost(self, peer: str | None = None) -> list[int]:
         """The connection ended; return writes that now complete (continue mode)."""

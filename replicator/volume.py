@@ -35,6 +35,7 @@ from geoclus.errors import (
     ProtocolError,
     StoreError,
 )
+from replicator.activitylog import ActivityLog, ActivityLogFile, AlBlocked, AlChange
 from replicator.bitmap import DirtyBitmap
 from replicator.bitmapfile import BitmapFile
 from replicator.events import EventLog
@@ -74,6 +75,7 @@ from replicator.generations import (
     fresh,
     may_catch_up,
     on_crash_restart,
+    on_crash_restart_logged,
     on_promote,
     on_resolve_discard,
     on_write_unreplicated,
@@ -91,6 +93,9 @@ from replicator.undolog import UndoFull, UndoLog
 
 log = logging.getLogger("geoclus.volume")
 
+# The longest single operation sequenced: NBD's largest write; longer trims and
+# zeroings are split (the activity log bounds the extents one operation spans).
+_MAX_OP_BYTES = 16 * 1024 * 1024
 # How much the receive loop asks the kernel for at once.
 _RECEIVE_BYTES = 256 * 1024
 # Batches queued between the secondary's receiver and applier: with frames of
@@ -261,8 +266,24 @@ class ReplicatedVolume:
         gens: GenState | None = None,
         undo: UndoLog | None = None,
         undo_active: bool = False,
+        al_file: ActivityLogFile | None = None,
+        al_hot: frozenset[int] = frozenset(),
     ) -> None:
         self.spec = spec
+        # The activity log (docs/format.md): extents that may hold writes not
+        # yet durable on both sides; a crashed primary resyncs only those.
+        self.al_file = al_file
+        self.al: ActivityLog | None = None
+        if al_file is not None:
+            self.al = ActivityLog(
+                spec.size_bytes,
+                spec.al_extent_bytes,
+                spec.al_extents,
+                hot=al_hot,
+                generation=al_file.counter,
+            )
+        # Sequencing and activity-log touches happen in one order.
+        self._seq_lock = trio.Lock()
         # The resync undo log (docs/format.md): while active, this copy's
         # pre-resync image can be restored, so it stays promotable.
         self.undo = undo
@@ -390,6 +411,7 @@ class ReplicatedVolume:
         bitmap_file = None
         genfile = None
         undo: UndoLog | None = None
+        al_file: ActivityLogFile | None = None
         try:
             role_code = ROLE_PRIMARY if spec.role == Role.PRIMARY else ROLE_SECONDARY
             replaying = False
@@ -437,9 +459,11 @@ class ReplicatedVolume:
                 if not prev.clean:
                     if spec.role == Role.PRIMARY:
                         # The primary crashed: writes it shipped may not be on its
-                        # own disk and vice versa. The activity log of the resync
-                        # work will narrow this; until then the history forks.
-                        state = replace(state, generation=_new_generation(), seq=0)
+                        # own disk and vice versa. The history forks here; the
+                        # activity log says which regions (else: a full sync).
+                        # The peer needs a resync (of the activity log's
+                        # extents and the bitmap): it is outdated until then.
+                        state = replace(state, generation=_new_generation(), seq=0, outdated=True)
                         log.warning(
                             "primary %s was not shut down cleanly: new generation %#x; "
                             "the peer needs a resync before replicating again",
@@ -504,8 +528,33 @@ class ReplicatedVolume:
                     )
                 else:
                     undo_active = ustate.active
+            al_existed = os.path.exists(spec.al_file_path)
+            al_file = ActivityLogFile(
+                spec.al_file_path, spec.size_bytes, spec.al_extent_bytes, spec.al_extents
+            )
+            al_hot = al_file.open()
+            logged = False
+            # Writes that may not be on both sides are in the hot extents:
+            # mark them durably in the bitmap before anything else.
+            if prev is not None and is_primary and not prev.clean and al_existed:
+                regions = ActivityLog(
+                    spec.size_bytes, spec.al_extent_bytes, spec.al_extents, hot=al_hot
+                ).regions_of_hot(spec.policy.region_bytes)
+                for r in regions:
+                    bitmap.mark(r * spec.policy.region_bytes, 1)
+                bitmap_file.persist(bitmap.raw_bits(), bitmap_file.pages_of(regions))
+                logged = True
+                if regions:
+                    log.warning(
+                        "volume %s: %d hot extents of the activity log marked for resync",
+                        spec.name,
+                        len(al_hot),
+                    )
             if prev is not None and not prev.clean and is_primary:
-                gens = on_crash_restart(gens, state.generation, time.time_ns())
+                if logged:
+                    gens = on_crash_restart_logged(gens, state.generation, time.time_ns())
+                else:
+                    gens = on_crash_restart(gens, state.generation, time.time_ns())
             gens = replace(gens, primary=is_primary)
             genfile.write(gens)
             state = replace(state, generation=gens.current.id)
@@ -519,6 +568,8 @@ class ReplicatedVolume:
                 genfile.close()
             if undo is not None:
                 undo.close()
+            if al_file is not None:
+                al_file.close()
             raise
         vol = cls(
             spec,
@@ -532,6 +583,8 @@ class ReplicatedVolume:
             gens=gens,
             undo=undo,
             undo_active=undo_active,
+            al_file=al_file,
+            al_hot=al_hot,
         )
         vol.was_clean = was_clean
         return vol
@@ -561,10 +614,22 @@ class ReplicatedVolume:
         await self._submit(WriteKind.WRITE, offset, len(data), bytes(data), fua)
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        await self._submit(WriteKind.TRIM, offset, length, b"", fua)
+        await self._submit_split(WriteKind.TRIM, offset, length, fua)
 
     async def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
-        await self._submit(WriteKind.ZEROES, offset, length, b"", fua)
+        await self._submit_split(WriteKind.ZEROES, offset, length, fua)
+
+    async def _submit_split(self, kind: WriteKind, offset: int, length: int, fua: bool) -> None:
+        """Trims and zeroings of any length, as operations of at most
+        ``_MAX_OP_BYTES`` (each one activity-log touch), in order."""
+        check_range(offset, length, self.spec.size_bytes, self.spec.block_size)
+        end = offset + length
+        while True:
+            n = min(end - offset, _MAX_OP_BYTES)
+            await self._submit(kind, offset, n, b"", fua and offset + n == end)
+            offset += n
+            if offset >= end:
+                return
 
     async def flush(self) -> None:
         """Durable locally (group commit) and, in sync mode, on the peer."""
@@ -618,24 +683,12 @@ class ReplicatedVolume:
         if self._closing:
             raise GeoclusError(f"volume {self.spec.name} is shutting down; write refused")
         start = trio.current_time()
-        while True:
-            verdict = core.admission(length, kind)
-            if verdict == "admit":
-                break
-            if verdict == "overflow":
-                log.warning(
-                    "volume %s: replication log full (%d bytes); the peer is now outdated "
-                    "and changed regions are tracked in the dirty bitmap until a resync",
-                    self.spec.name,
-                    core.log_bytes,
-                )
-                core.go_outdated()
-                break
-            if self._closing:
-                raise GeoclusError(f"volume {self.spec.name} is shutting down; write refused")
-            await self._wait_changed()
-        seq = core.submit(kind, offset, length, data, fua, start)
-        self._note_bitmap_changes()
+        await self._seq_lock.acquire()
+        try:
+            seq = await self._sequence(core, kind, offset, length, data, fua, start)
+        except BaseException:
+            self._seq_lock.release()
+            raise
         blockers = self._overlap.add(seq, offset, length)
         local_done = trio.Event()
         self._local_done_events[seq] = local_done
@@ -648,6 +701,11 @@ class ReplicatedVolume:
             # local apply must run to its end even if the requester goes away,
             # or later overlapping writes would wait forever.
             with trio.CancelScope(shield=True):
+                try:
+                    if self.al is not None:
+                        await self._al_admit(core, seq, offset, length)
+                finally:
+                    self._seq_lock.release()
                 # Write-ahead: a region's dirty bit (and a new generation) is
                 # durable before data lands.
                 if self._bitmap_pending or self._gens_pending or self._bitmap_busy:
@@ -674,6 +732,73 @@ class ReplicatedVolume:
             self.rate.on_app_write(now - start, now)
         finally:
             self.in_flight_writes -= 1
+
+    async def _sequence(
+        self,
+        core: PrimaryCore,
+        kind: WriteKind,
+        offset: int,
+        length: int,
+        data: bytes,
+        fua: bool,
+        start: float,
+    ) -> int:
+        """Admission and sequencing of one write (under ``_seq_lock``)."""
+        while True:
+            verdict = core.admission(length, kind)
+            if verdict == "admit":
+                break
+            if verdict == "overflow":
+                log.warning(
+                    "volume %s: replication log full (%d bytes); the peer is now outdated "
+                    "and changed regions are tracked in the dirty bitmap until a resync",
+                    self.spec.name,
+                    core.log_bytes,
+                )
+                core.go_outdated()
+                break
+            if self._closing:
+                raise GeoclusError(f"volume {self.spec.name} is shutting down; write refused")
+            await self._wait_changed()
+        seq = core.submit(kind, offset, length, data, fua, start, held=self.al is not None)
+        self._note_bitmap_changes()
+        return seq
+
+    async def _al_admit(self, core: PrimaryCore, seq: int, offset: int, length: int) -> None:
+        """Write-ahead for the activity log: the write ``seq`` (held, not
+        shipped) is released once a hot set holding its extents is durable.
+        When no hot extent may leave yet, the writes before it are made
+        stable first: durable here, and durable on the peer or marked in the
+        persisted bitmap."""
+        al, al_file = self.al, self.al_file
+        assert al is not None and al_file is not None
+        try:
+            result = al.touch(offset, length, seq)
+            while isinstance(result, AlBlocked):
+                await self._al_make_stable(core, result.need_stable_seq)
+                al.set_stable(result.need_stable_seq)
+                result = al.touch(offset, length, seq)
+            if isinstance(result, AlChange):
+                await self.store.run_blocking(al_file.persist, result.hot, result.generation)
+        finally:
+            core.release(seq)
+            self._notify()
+
+    async def _al_make_stable(self, core: PrimaryCore, upto: int) -> None:
+        """Every write up to ``upto`` durable here, and on the peer or covered
+        by the durable bitmap (so its extent may leave the activity log)."""
+        while any(s <= upto for s in self._local_done_events):
+            await self._wait_changed(0.05)
+        await self.store.flush()
+        p = core.peer
+        if p.connected and not p.outdated and p.durable < upto:
+            core.request_peer_flush()
+            self._notify()
+            while p.connected and not p.outdated and p.durable < upto:
+                await self._wait_changed(0.05)
+        # A peer that is gone or outdated has those writes in its bitmap.
+        self._note_bitmap_changes()
+        await self._flush_bitmap()
 
     def _decide(self, remote: Hello) -> Decision:
         """The generation decision for this peer (docs/generations.md)."""
@@ -1553,6 +1678,15 @@ class ReplicatedVolume:
                 await self._session_done.wait()
             rolled_back = await self._rollback_undo()
             applied = sec.applied_seq
+            if self.al_file is not None and self.al is not None:
+                # Sequence numbers start over from this copy's position.
+                self.al = ActivityLog(
+                    self.spec.size_bytes,
+                    self.spec.al_extent_bytes,
+                    self.spec.al_extents,
+                    hot=self.al.hot_extents(),
+                    generation=self.al_file.counter,
+                )
             known_primary = sec.primary_seq
             await self.store.flush()
             self.primary = PrimaryCore(
@@ -1873,9 +2007,7 @@ class ReplicatedVolume:
                     # primary has no log to replay from.
                     upto = core.request_peer_flush()
                     self._notify()
-                    while (
-                        core.connected and not core.outdated and core.peer_durable < upto
-                    ):
+                    while core.connected and not core.outdated and core.peer_durable < upto:
                         await self._wait_changed(0.05)
             try:
                 await self.store.flush()
@@ -1897,8 +2029,20 @@ class ReplicatedVolume:
             else:
                 assert self.secondary is not None
                 new = replace(self.state, clean=not self._replaying, seq=self.secondary.applied_seq)
+            if core is not None:
+                # Writes the peer may not hold durably go to the persisted
+                # bitmap: the retained log does not survive this stop.
+                core.mark_undurable()
             self._note_bitmap_changes()
             await self._flush_bitmap()
+            if (
+                core is not None
+                and self.al_file is not None
+                and core.peer_durable >= core.last_seq
+                and not core.outdated
+            ):
+                # Every write is durable on both sides: nothing is hot.
+                await self.store.run_blocking(self.al_file.clear)
             self.state = await trio.to_thread.run_sync(self.meta.write, new)
             self.store.close()
             self.meta.close()
@@ -1906,6 +2050,10 @@ class ReplicatedVolume:
                 self.bitmap_file.close()
             if self.genfile is not None:
                 self.genfile.close()
+            if self.al_file is not None:
+                self.al_file.close()
+            if self.undo is not None:
+                self.undo.close()
             self._closed = True
 
 

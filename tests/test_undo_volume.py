@@ -123,7 +123,8 @@ async def test_cut_off_resync_target_is_outdated_and_promotion_restores_its_imag
         link = GatedLink(n, b, limit=5 * REGION)
         n.start_soon(a.run_primary_link, link.connect, "b")
         await wait_for(lambda: bool(link.gates))
-        await link.gates[0].reached.wait()
+        with trio.fail_after(10):
+            await link.gates[0].reached.wait()
         # Some regions already hold resync data.
         await wait_for(lambda: read_file(b.spec.store_path, 0, SIZE) != before)
         assert b.undo is not None and b.undo.used_bytes > 0
@@ -147,7 +148,8 @@ async def test_crash_mid_resync_keeps_the_undo_log_and_the_resync_completes(tmp_
         link = GatedLink(n, b, limit=5 * REGION)
         n.start_soon(a.run_primary_link, link.connect, "b")
         await wait_for(lambda: bool(link.gates))
-        await link.gates[0].reached.wait()
+        with trio.fail_after(10):
+            await link.gates[0].reached.wait()
         await wait_for(lambda: b.undo is not None and b.undo.used_bytes > 0)
         await link.cut()
         await wait_for(lambda: b.connected_peer is None and a.connected_peer is None)
@@ -179,7 +181,8 @@ async def test_cut_off_target_reopened_as_primary_is_rolled_back_at_open(tmp_pat
         link = GatedLink(n, b, limit=5 * REGION)
         n.start_soon(a.run_primary_link, link.connect, "b")
         await wait_for(lambda: bool(link.gates))
-        await link.gates[0].reached.wait()
+        with trio.fail_after(10):
+            await link.gates[0].reached.wait()
         await wait_for(lambda: b.undo is not None and b.undo.used_bytes > 0)
         await link.cut()
         await wait_for(lambda: b.connected_peer is None)
@@ -197,7 +200,8 @@ async def test_a_full_undo_log_falls_back_to_inconsistent(tmp_path) -> None:
         link = GatedLink(n, b, limit=6 * REGION)
         n.start_soon(a.run_primary_link, link.connect, "b")
         await wait_for(lambda: bool(link.gates))
-        await link.gates[0].reached.wait()
+        with trio.fail_after(10):
+            await link.gates[0].reached.wait()
         await wait_for(lambda: b.consistency == "inconsistent")
         assert any("undo log full" in e.message for e in b.events.since(0)[0])
         await link.cut()

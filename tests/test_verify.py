@@ -14,7 +14,6 @@ import trio.lowlevel
 
 from geoclus.errors import GeoclusError, NotPrimaryError
 from replicator.frames import Mode, Role
-from replicator.meta import MetaFile
 from replicator.session import ReplicationPolicy
 from replicator.volume import ReplicatedVolume
 from tests.test_volume import SIZE, Link, open_pair, read_file, spec, wait_for
@@ -144,31 +143,24 @@ async def test_verify_cut_off_by_the_link_is_reported_aborted(tmp_path) -> None:
         n.cancel_scope.cancel()
 
 
-async def test_full_resync_copies_only_the_regions_that_differ(tmp_path) -> None:
-    """Seeding from an old copy: a full sync compares digests and sends only
-    what differs."""
+async def test_full_sync_copies_only_the_regions_that_differ(tmp_path) -> None:
+    """Seeding from an old copy: a store of unknown history (no metadata) joins
+    the primary; the full sync compares digests and sends only what differs."""
     policy = ReplicationPolicy(mode=Mode.ASYNC)
     s_a = spec(tmp_path, "a", Role.PRIMARY, policy)
     a = await ReplicatedVolume.open(s_a)
     for r in range(8):
         await a.write(r * REGION, pattern(r))
     await a.flush()
-    # "Crash" (no clean-shutdown record): the reopened primary needs a full sync.
-    a.meta.close()
-    a.store.close()
-    assert a.bitmap_file is not None and a.genfile is not None
-    a.bitmap_file.close()
-    a.genfile.close()
-    m = MetaFile(s_a.meta_path)
-    assert m.open().clean is False
-    m.close()
-    a = await ReplicatedVolume.open(s_a)
-    b = await ReplicatedVolume.open(spec(tmp_path, "b", Role.SECONDARY, policy))
-    # The secondary already holds regions 0-3 (an old copy), not 4-7.
-    for r in range(4):
-        await b.store.write(r * REGION, pattern(r))
-    for r in range(4, 8):
-        await b.store.write(r * REGION, pattern(r, salt=99))
+    # The secondary's store: an old copy holding regions 0-3, not 4-7.
+    s_b = spec(tmp_path, "b", Role.SECONDARY, policy)
+    seed = bytearray(SIZE)
+    for r in range(8):
+        seed[r * REGION : (r + 1) * REGION] = pattern(r, salt=0 if r < 4 else 99)
+    with open(s_b.store_path, "wb") as f:
+        f.write(seed)
+    b = await ReplicatedVolume.open(s_b)
+    assert b.gens.unknown
     async with trio.open_nursery() as n:
         link = Link(n, b)
         n.start_soon(a.run_primary_link, link.connect, "b")
@@ -180,4 +172,42 @@ async def test_full_resync_copies_only_the_regions_that_differ(tmp_path) -> None
         assert p.peer.resync_identical_bytes == SIZE - 4 * REGION
         assert read_file(s_a.store_path, 0, SIZE) == read_file(b.spec.store_path, 0, SIZE)
         assert b.consistency == "consistent"
+        n.cancel_scope.cancel()
+
+
+async def test_crashed_primary_resyncs_only_its_hot_extents(tmp_path) -> None:
+    """The activity log: after a crash of the primary only the extents it was
+    writing are resynced (here 1 of 4 MiB extents), not the whole volume."""
+    from dataclasses import replace
+
+    policy = ReplicationPolicy(mode=Mode.SYNC)
+    big = 16 * 1024 * 1024
+    s_a = replace(spec(tmp_path, "a", Role.PRIMARY, policy), size_bytes=big)
+    s_b = replace(spec(tmp_path, "b", Role.SECONDARY, policy), size_bytes=big)
+    a = await ReplicatedVolume.open(s_a)
+    b = await ReplicatedVolume.open(s_b)
+    async with trio.open_nursery() as n:
+        link = Link(n, b)
+        n.start_soon(a.run_primary_link, link.connect, "b")
+        await wait_for(lambda: a.connected_peer is not None)
+        for i in range(32):  # extent 2 only (8-12 MiB)
+            await a.write(8 * 1024 * 1024 + i * 4096, os.urandom(4096))
+        assert a.al is not None and a.al.hot_extents() == frozenset({2})
+        await link.cut()
+        n.cancel_scope.cancel()
+    # The primary "crashes": files closed without the clean-shutdown record.
+    for f in (a.meta, a.store, a.bitmap_file, a.genfile, a.al_file, a.undo):
+        if f is not None:
+            f.close()
+    a = await ReplicatedVolume.open(s_a)
+    async with trio.open_nursery() as n:
+        link = Link(n, b)
+        n.start_soon(a.run_primary_link, link.connect, "b")
+        await wait_for(lambda: b.resyncs_completed == 1, 30)
+        d = a.last_decision
+        assert d is not None and not d.full
+        starts = [e.message for e in a.events.since(0)[0] if "resync of" in e.message]
+        # Exactly the hot extent, not the 16 MiB volume.
+        assert starts == [f"delta resync of b starts: {4 * 1024 * 1024} bytes to copy"]
+        assert read_file(s_a.store_path, 0, big) == read_file(s_b.store_path, 0, big)
         n.cancel_scope.cancel()

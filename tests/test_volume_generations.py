@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import trio
@@ -58,7 +59,9 @@ async def test_pull_ahead_starts_a_generation_and_reconnect_decides_delta(tmp_pa
         n.cancel_scope.cancel()
 
 
-async def test_crashed_primary_needs_a_full_resync(tmp_path) -> None:
+async def test_crashed_primary_without_activity_log_needs_a_full_resync(tmp_path) -> None:
+    """Without its activity log (lost, or written by a version without one)
+    nothing says which regions a crashed primary was writing: a full sync."""
     # Async: the write before the "crash" completes without a peer.
     policy = ReplicationPolicy(mode=Mode.ASYNC)
     s_a = spec(tmp_path, "a", Role.PRIMARY, policy)
@@ -73,6 +76,9 @@ async def test_crashed_primary_needs_a_full_resync(tmp_path) -> None:
     m = MetaFile(s_a.meta_path)
     assert m.open().clean is False  # the metadata still says "running"
     m.close()
+    assert a.al_file is not None
+    a.al_file.close()
+    os.remove(s_a.al_file_path)
     a2 = await ReplicatedVolume.open(s_a)
     assert a2.gens.current.id != FRESH and a2.gens.history[0].id == FRESH
     b = await ReplicatedVolume.open(spec(tmp_path, "b", Role.SECONDARY, policy))
