@@ -84,6 +84,19 @@ class DirtyBitmap:
                     if value & (1 << bit):
                         yield byte_index * 8 + bit
 
+    def runs(self) -> Iterator[tuple[int, int]]:
+        """Yield the dirty regions as runs (first region, count), ascending."""
+        start = prev = None
+        for r in self:
+            if prev is not None and r == prev + 1:
+                prev = r
+                continue
+            if start is not None and prev is not None:
+                yield start, prev - start + 1
+            start = prev = r
+        if start is not None and prev is not None:
+            yield start, prev - start + 1
+
     def clear(self) -> None:
         self._bits = bytearray(len(self._bits))
         self._count = 0

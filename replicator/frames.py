@@ -58,6 +58,7 @@ class FrameType(enum.IntEnum):
     BYE = 9
     RESYNC_DONE = 10
     DIFFERS = 11
+    PEER_BITMAP = 12
 
 
 class Role(enum.IntEnum):
@@ -129,6 +130,11 @@ class Hello:
 
 
 WELCOME_FLAG_RESYNC = 0x01  # the peer is a resync target: rebase and mark inconsistent
+# With RESYNC: send your dirty bitmap (PEER_BITMAP frames) so the resync also
+# rolls back what you changed on your own (the union of both bitmaps).
+WELCOME_FLAG_SEND_BITMAP = 0x02
+# Runs per PEER_BITMAP frame: 12 bytes each, under 1 MiB per frame.
+MAX_BITMAP_RUNS = 65536
 
 
 @dataclass(frozen=True)
@@ -230,7 +236,29 @@ class Differs:
     seqs: tuple[int, ...]
 
 
-Message = Hello | Welcome | Refuse | Writes | Flush | Ack | Ping | Pong | Bye | ResyncDone | Differs
+@dataclass(frozen=True)
+class PeerBitmap:
+    """Part of the sender's dirty bitmap, as runs (first region, count);
+    ``last`` marks the final frame."""
+
+    runs: tuple[tuple[int, int], ...]
+    last: bool
+
+
+Message = (
+    Hello
+    | Welcome
+    | Refuse
+    | Writes
+    | Flush
+    | Ack
+    | Ping
+    | Pong
+    | Bye
+    | ResyncDone
+    | Differs
+    | PeerBitmap
+)
 
 _HELLO = struct.Struct(">HHBBBxIQ16sQQQ")
 _WELCOME = struct.Struct(">HHQQ")
@@ -242,6 +270,8 @@ _ACK = struct.Struct(">QQQ")
 _PING = struct.Struct(">QQ")
 _STRLEN = struct.Struct(">H")
 _SEQ = struct.Struct(">Q")
+_BITMAP_HEAD = struct.Struct(">BI")
+_RUN = struct.Struct(">QI")
 
 ENTRY_HEADER_BYTES = _ENTRY.size
 
@@ -279,6 +309,11 @@ def encode_payload(msg: Message) -> tuple[FrameType, list[bytes | memoryview]]:
             if e.kind in (WriteKind.WRITE, WriteKind.DIGEST):
                 parts.append(e.data)
         return FrameType.WRITES, parts
+    if isinstance(msg, PeerBitmap):
+        return FrameType.PEER_BITMAP, [
+            _BITMAP_HEAD.pack(1 if msg.last else 0, len(msg.runs)),
+            *(_RUN.pack(first, count) for first, count in msg.runs),
+        ]
     if isinstance(msg, Differs):
         return FrameType.DIFFERS, [
             _COUNT.pack(len(msg.seqs)),
@@ -441,7 +476,7 @@ def decode_payload(
         )
     if ftype == FrameType.WELCOME:
         version, flags, resume, primary_seq = _exact(payload, _WELCOME, "WELCOME")
-        if flags & ~WELCOME_FLAG_RESYNC:
+        if flags & ~(WELCOME_FLAG_RESYNC | WELCOME_FLAG_SEND_BITMAP):
             raise ProtocolError(f"WELCOME: unknown flags {flags:#x}")
         return Welcome(version, resume, primary_seq, flags)
     if ftype == FrameType.RESYNC_DONE:
@@ -452,6 +487,22 @@ def decode_payload(
         if n > MAX_LINEAGE_BYTES or _RESYNC_DONE.size + 2 + n != len(payload):
             raise ProtocolError("RESYNC_DONE: bad lineage length")
         return ResyncDone(upto, bytes(payload[_RESYNC_DONE.size + 2 :]))
+    if ftype == FrameType.PEER_BITMAP:
+        if len(payload) < _BITMAP_HEAD.size:
+            raise ProtocolError("PEER_BITMAP: truncated")
+        last, count = _BITMAP_HEAD.unpack_from(payload, 0)
+        if last > 1:
+            raise ProtocolError(f"PEER_BITMAP: unknown flags {last:#x}")
+        if count > MAX_BITMAP_RUNS:
+            raise ProtocolError(f"PEER_BITMAP: {count} runs exceeds {MAX_BITMAP_RUNS}")
+        if len(payload) != _BITMAP_HEAD.size + count * _RUN.size:
+            raise ProtocolError("PEER_BITMAP: payload length does not match the count")
+        runs = tuple(
+            _RUN.unpack_from(payload, _BITMAP_HEAD.size + i * _RUN.size) for i in range(count)
+        )
+        if any(n == 0 for _, n in runs):
+            raise ProtocolError("PEER_BITMAP: empty run")
+        return PeerBitmap(runs, bool(last))
     if ftype == FrameType.DIFFERS:
         if len(payload) < _COUNT.size:
             raise ProtocolError("DIFFERS: truncated count")

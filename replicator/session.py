@@ -40,11 +40,13 @@ from replicator.frames import (
     DIGEST_BYTES,
     ENTRY_HEADER_BYTES,
     WELCOME_FLAG_RESYNC,
+    WELCOME_FLAG_SEND_BITMAP,
     Ack,
     Differs,
     Flush,
     Hello,
     Mode,
+    PeerBitmap,
     Refuse,
     Welcome,
     WriteEntry,
@@ -229,6 +231,10 @@ class PeerState:
     resync_last_seq: int | None = None
     resync_max_seq: int = 0
     resync_announced: bool = False
+    # The peer's own dirty bitmap is still arriving (PEER_BITMAP): its regions
+    # join the resync, which cannot end before the last frame.
+    awaiting_peer_bitmap: bool = False
+    resync_region_set: set[int] = field(default_factory=set)
     resync_checksum: bool = False
     resync_identical_bytes: int = 0
     resync_copied_bytes: int = 0
@@ -324,7 +330,13 @@ class PrimaryCore:
         return not p.outdated and applied <= self.last_seq and applied + 1 >= self._log_first
 
     def start_resync(
-        self, remote: Hello, version: int, *, full: bool, peer: str | None = None
+        self,
+        remote: Hello,
+        version: int,
+        *,
+        full: bool,
+        peer: str | None = None,
+        with_peer_bitmap: bool = False,
     ) -> Welcome:
         """Begin a resync of ``peer`` from this copy.
 
@@ -336,7 +348,9 @@ class PrimaryCore:
         regions the peer reports different are then copied), and new
         application writes are shipped in order around them. The peer is
         inconsistent until it has applied and made durable everything up to
-        ``resync_last_seq``.
+        ``resync_last_seq``. ``with_peer_bitmap``: the peer is asked for its own
+        dirty bitmap (:meth:`on_peer_bitmap`), whose regions join the resync
+        (so what it changed on its own is rolled back too).
         """
         p = self._peer(peer)
         p.connected = True
@@ -362,8 +376,36 @@ class PrimaryCore:
         p.resync_total_bytes = sum(self._region_span(r)[1] for r in regions)
         p.resync_max_seq = self.last_seq
         p.resync_announced = False
-        p.resync_last_seq = None if regions else self.last_seq
-        return Welcome(version, self.last_seq + 1, self.last_seq, WELCOME_FLAG_RESYNC)
+        p.resync_region_set = set(regions)
+        p.awaiting_peer_bitmap = with_peer_bitmap and not full
+        p.resync_last_seq = None if regions or p.awaiting_peer_bitmap else self.last_seq
+        flags = WELCOME_FLAG_RESYNC | (WELCOME_FLAG_SEND_BITMAP if p.awaiting_peer_bitmap else 0)
+        return Welcome(version, self.last_seq + 1, self.last_seq, flags)
+
+    def on_peer_bitmap(self, msg: PeerBitmap, now_s: float = 0.0, peer: str | None = None) -> None:
+        """Regions the peer changed on its own join the resync (and our bitmap,
+        until the resync completes). Raises ProtocolError, changing nothing,
+        for a frame nobody asked for or a run outside the volume."""
+        p = self._peer(peer)
+        if not (p.connected and p.resyncing and p.awaiting_peer_bitmap):
+            raise ProtocolError("PEER_BITMAP that was not asked for")
+        regions = p.bitmap.regions
+        for first, count in msg.runs:
+            if first + count > regions:
+                raise ProtocolError(
+                    f"PEER_BITMAP run {first}+{count} is outside the volume's {regions} regions"
+                )
+        for first, count in msg.runs:
+            for r in range(first, first + count):
+                offset, length = self._region_span(r)
+                self._mark(p, offset, length)
+                if r not in p.resync_region_set:
+                    p.resync_region_set.add(r)
+                    p.resync_regions.append(r)
+                    p.resync_total_bytes += length
+        if msg.last:
+            p.awaiting_peer_bitmap = False
+            self._settle(p, now_s)
 
     def _region_span(self, region: int) -> tuple[int, int]:
         offset = region * self.policy.region_bytes
@@ -485,6 +527,7 @@ class PrimaryCore:
         if (
             p.resyncing
             and p.resync_last_seq is None
+            and not p.awaiting_peer_bitmap
             and p.resync_next >= len(p.resync_regions)
             and "resync" not in outstanding
         ):

@@ -42,7 +42,9 @@ from replicator.events import EventLog
 from replicator.frames import (
     ENTRY_HEADER_BYTES,
     HELLO_FLAG_CLEAN,
+    MAX_BITMAP_RUNS,
     WELCOME_FLAG_RESYNC,
+    WELCOME_FLAG_SEND_BITMAP,
     Ack,
     Bye,
     Differs,
@@ -52,6 +54,7 @@ from replicator.frames import (
     Hello,
     Message,
     Mode,
+    PeerBitmap,
     Ping,
     Pong,
     Refuse,
@@ -1100,10 +1103,12 @@ class ReplicatedVolume:
                 f"peer catches up through the log to {core.last_seq}, then adopts our lineage",
             )
         elif decision.action is Action.RESYNC and decision.source == "local":
-            # Rolling back the peer's own changes needs its bitmap too; until the
-            # handshake carries it, such a resync copies everything.
-            full = decision.full or "peer" in decision.bitmaps
-            answer = core.start_resync(remote, version, full=full)
+            # Rolling back the peer's own changes needs its bitmap too: it
+            # sends it (PEER_BITMAP) and the resync covers the union.
+            full = decision.full
+            answer = core.start_resync(
+                remote, version, full=full, with_peer_bitmap="peer" in decision.bitmaps
+            )
             kind = "full" if full else "delta"
             self._resync_started_s = trio.current_time()
             log.warning(
@@ -1189,6 +1194,16 @@ class ReplicatedVolume:
             msg = await ch.receive()
             if isinstance(msg, Differs):
                 core.on_differs(msg, trio.current_time())
+                self._notify()
+            elif isinstance(msg, PeerBitmap):
+                core.on_peer_bitmap(msg, trio.current_time())
+                self._note_bitmap_changes()
+                if msg.last:
+                    self.events.add(
+                        "resync",
+                        "the peer's own changes join the resync: "
+                        f"{core.peer.resync_total_bytes} bytes to copy in all",
+                    )
                 self._notify()
             elif isinstance(msg, Ack):
                 before = core.resync_in_flight_bytes()
@@ -1324,12 +1339,26 @@ class ReplicatedVolume:
         if answer.flags & WELCOME_FLAG_RESYNC:
             with trio.CancelScope(shield=True):
                 await self._begin_resync_target(remote.node)
+        if answer.flags & WELCOME_FLAG_SEND_BITMAP:
+            await self._send_own_bitmap(ch)
         if self._replaying:
             if core.applied_seq >= answer.primary_seq:
                 # Nothing was written after our durable point: nothing is torn.
                 self._replaying = False
             else:
                 self._replay_until = answer.primary_seq
+
+    async def _send_own_bitmap(self, ch: FrameChannel) -> None:
+        """The regions this copy changed on its own (its persisted bitmap),
+        for the primary to roll back; in frames of at most MAX_BITMAP_RUNS."""
+        runs = list(self._own_bitmap().runs())
+        for i in range(0, max(1, len(runs)), MAX_BITMAP_RUNS):
+            chunk = tuple(runs[i : i + MAX_BITMAP_RUNS])
+            await ch.send(PeerBitmap(chunk, i + MAX_BITMAP_RUNS >= len(runs)))
+        self.events.add(
+            "resync",
+            f"sent our own {sum(n for _, n in runs)} changed regions to be rolled back",
+        )
 
     async def _begin_resync_target(self, source: str) -> None:
         """We are a resync target: ahead of anything the resync writes, mark
@@ -1538,6 +1567,12 @@ class ReplicatedVolume:
             self._undo_active = False
         self.gens, _ = after_resync(self.gens, decoded[1])
         self.gens = replace(self.gens, primary=False)
+        own = self._loaded_bitmap
+        if own is not None and own.dirty_regions and self.bitmap_file is not None:
+            # Our own changes were rolled back by this resync.
+            pages = self.bitmap_file.pages_with_bits
+            own.clear()
+            await self.store.run_blocking(self.bitmap_file.persist, own.raw_bits(), set(pages))
         if self.genfile is not None:
             await trio.to_thread.run_sync(self.genfile.write, self.gens)
         self.resyncs_completed += 1

@@ -22,6 +22,7 @@ from replicator.frames import (
     FrameEncoder,
     Hello,
     Mode,
+    PeerBitmap,
     Ping,
     Pong,
     Refuse,
@@ -201,6 +202,11 @@ messages = st.one_of(
     st.builds(Flush, u64, u64),
     st.builds(Ack, u64, u64, u64),
     st.lists(u64, max_size=20, unique=True).map(lambda xs: Differs(tuple(sorted(xs)))),
+    st.builds(
+        PeerBitmap,
+        st.lists(st.tuples(u64, st.integers(1, 2**32 - 1)), max_size=10).map(tuple),
+        st.booleans(),
+    ),
     st.builds(Ping, u64, u64),
     st.builds(Pong, u64, u64),
     st.builds(Bye, _short_text(1024)),
@@ -311,7 +317,7 @@ def test_bad_version(version) -> None:
     assert "version" in err.reason
 
 
-@pytest.mark.parametrize("ftype", [0, 12, 42, 255])
+@pytest.mark.parametrize("ftype", [0, 13, 42, 255])
 def test_unknown_type(ftype) -> None:
     err = refused(frame(ftype, bytes(16)))
     assert "type" in err.reason and str(ftype) in err.reason
@@ -619,3 +625,11 @@ def test_digest_entry_carries_eight_bytes() -> None:
     got = dec.next_message()
     assert got == Writes((e,))
     assert e.wire_bytes == 24 + 8
+
+
+def test_peer_bitmap_bounds() -> None:
+    """PEER_BITMAP: empty runs, unknown flags and bad lengths are refused."""
+    head = struct.pack(">BI", 0, 1)
+    assert "empty run" in refused(frame(12, head + struct.pack(">QI", 5, 0))).reason
+    assert "flags" in refused(frame(12, struct.pack(">BI", 2, 0))).reason
+    assert "length" in refused(frame(12, head)).reason

@@ -13,7 +13,7 @@ from replicator.genfile import GenFile
 from replicator.meta import MetaFile
 from replicator.session import ReplicationPolicy
 from replicator.volume import ReplicatedVolume
-from tests.test_volume import Link, spec, wait_for
+from tests.test_volume import Link, read_file, spec, wait_for
 
 
 def stored(path: str) -> GenState | None:
@@ -219,3 +219,52 @@ def test_event_log_is_bounded_and_reports_what_was_missed() -> None:
     assert missed == 2 and log.last_seq == 5
     events, missed = log.since(4)
     assert [e.seq for e in events] == [5] and missed == 0
+
+
+async def test_returning_old_primary_is_rolled_back_by_the_union_of_both_bitmaps(
+    tmp_path,
+) -> None:
+    """Split brain resolved by discarding the old primary's changes: the resync
+    copies the new primary's changed regions *and* the regions the old primary
+    changed on its own (its bitmap, sent as PEER_BITMAP), and nothing else."""
+    region = 64 * 1024
+    policy = ReplicationPolicy(mode=Mode.ASYNC)
+    a = await ReplicatedVolume.open(spec(tmp_path, "a", Role.PRIMARY, policy))
+    b = await ReplicatedVolume.open(spec(tmp_path, "b", Role.SECONDARY, policy))
+    async with trio.open_nursery() as n:
+        link = Link(n, b)
+        n.start_soon(a.run_primary_link, link.connect, "b")
+        await wait_for(lambda: a.connected_peer is not None)
+        for r in range(16):
+            await a.write(r * region, bytes([r + 1]) * region)
+        await a.flush()
+        await wait_for(lambda: a.primary is not None and a.primary.peer_durable == 16)
+        await link.cut()
+        await wait_for(lambda: a.connected_peer is None and b.connected_peer is None)
+        n.cancel_scope.cancel()
+    # Apart: b is promoted and writes regions 1 and 2; a keeps writing 9 and 10.
+    await b.promote(force=True)
+    for r in (1, 2):
+        await b.write(r * region, b"\xbb" * region)
+    for r in (9, 10):
+        await a.write(r * region + 4096, b"\xaa" * 4096)
+    # a steps down and the operator discards its changes.
+    await a.demote(drain_timeout_s=0.1)
+    await a.resolve(discard_local=True)
+    async with trio.open_nursery() as n:
+        link = Link(n, a)
+        n.start_soon(b.run_primary_link, link.connect, "a")
+        await wait_for(lambda: a.resyncs_completed == 1, 30)
+        d = b.last_decision
+        assert d is not None and d.action is Action.RESYNC and not d.full
+        assert d.bitmaps == frozenset({"local", "peer"})
+        starts = [e.message for e in b.events.since(0)[0] if "in all" in e.message]
+        assert starts == [
+            f"the peer's own changes join the resync: {4 * region} bytes to copy in all"
+        ]
+        n.cancel_scope.cancel()
+    img_a = read_file(a.spec.store_path, 0, 1 << 20)
+    img_b = read_file(b.spec.store_path, 0, 1 << 20)
+    assert img_a == img_b
+    assert img_a[9 * region + 4096 : 9 * region + 8192] == bytes([10]) * 4096  # rolled back
+    assert a.status()["consistency"] == "consistent"
