@@ -346,10 +346,13 @@ class ReplicatedVolume:
                 max_rate_bytes_s=spec.resync_max_rate_bytes_s,
                 region_bytes=spec.policy.region_bytes,
                 # One region in flight keeps a resync moving on any link; the
-                # controller starts at four and grows only while application
+                # controller starts at sixteen and grows only while application
                 # writes stay as fast as without a resync.
                 min_window_bytes=spec.policy.region_bytes,
-                initial_window_bytes=4 * spec.policy.region_bytes,
+                initial_window_bytes=16 * spec.policy.region_bytes,
+                # Long enough for a p99 over tens of writes at QD1, not max().
+                interval_s=0.25,
+                latency_factor=1.8,
             )
         )
         self.write_latency = LatencyRecorder()
