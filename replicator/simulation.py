@@ -9,7 +9,13 @@ random generator (:func:`run_random`), so any failure replays exactly.
 Faults it can inject: link cuts at any point (frames in flight are lost),
 corrupted bytes on the link, frames split at arbitrary byte boundaries, a
 secondary crash that loses a random subset of what it had not synced, local
-writes completing in any order the overlap rule allows.
+writes completing in any order the overlap rule allows. Role changes: a
+planned switchover (the next connect must need no resync) and a forced
+promotion of the secondary (rolled back through its undo log if it was a
+cut-off resync target), after which the old primary returns as secondary
+with a history of its own that the resync must roll back (the union of both
+bitmaps). The primary's own disk is not crashed here (its activity log is
+tested in the volume shell).
 
 :meth:`Simulation.check` asserts the safety properties after every step:
 
@@ -20,7 +26,11 @@ writes completing in any order the overlap rule allows.
 3. the primary's own image equals its history once no local write is pending
    (overlapping writes applied in sequence order);
 6. a corrupted frame is refused before anything in it is applied (follows
-   from 2: a partially applied frame would not be a prefix).
+   from 2: a partially applied frame would not be a prefix);
+7. a resync target's undo log restores its pre-resync image, now and after a
+   crash; a forced promotion never loses a write acknowledged in sync mode
+   while the peer was required, except what a rolled-back resync brought
+   (recorded in ``forced_lost``); after quiescing, both copies are equal.
 """
 
 from __future__ import annotations
@@ -30,7 +40,9 @@ import struct
 from dataclasses import dataclass, field, replace
 
 from geoclus.errors import ProtocolError
+from replicator.bitmap import DirtyBitmap
 from replicator.frames import (
+    WELCOME_FLAG_SEND_BITMAP,
     Ack,
     Differs,
     Flush,
@@ -39,6 +51,7 @@ from replicator.frames import (
     Hello,
     Message,
     Mode,
+    PeerBitmap,
     Refuse,
     ResyncDone,
     Role,
@@ -55,6 +68,7 @@ from replicator.generations import (
     decide,
     fresh,
     may_catch_up,
+    on_promote,
     on_write_unreplicated,
 )
 from replicator.genfile import decode_genstate, encode_genstate
@@ -136,6 +150,8 @@ class SimStats:
     resyncs_started: int = 0
     resyncs_completed: int = 0
     catch_ups: int = 0
+    switchovers: int = 0
+    forced_promotions: int = 0
 
 
 class Simulation:
@@ -161,7 +177,15 @@ class Simulation:
         # shell fsyncs it before writing): region -> pre-resync content, and
         # the history prefix that pre-resync image was.
         self.undo: dict[int, bytes] | None = None
+        self.undo_base: bytes = b""
         self.undo_base_k = 0
+        # Role swaps: the secondary's own bitmap (what it changed while it was
+        # primary), whether it holds a history of its own (a returning old
+        # primary, until it is resynced), and what forced promotions lost.
+        self.s_own_bitmap = DirtyBitmap(blocks * BLOCK, policy.region_bytes)
+        self.diverged = False
+        self.expect_in_sync = False
+        self.forced_lost: list[int] = []
         self.fault_resync_ignores_overlaps = fault_resync_ignores_overlaps
         # Test-only: the primary drops DIFFERS, so a region whose digest did
         # not match is taken as identical (a broken checksum-skip rule).
@@ -254,6 +278,15 @@ class Simulation:
         data = payload(seq, length) if kind == WriteKind.WRITE else b""
         got = self.primary.submit(kind, offset, length, data, fua, self.now_s)
         assert got == seq
+        if not self.connected or self.primary.outdated:
+            # As the shell: writing without the peer starts a generation.
+            self._next_gen += 1
+            self.p_gens = on_write_unreplicated(
+                self.p_gens,
+                self._next_gen,
+                int(self.now_s),
+                shared=self.p_gens.current.id == self._shared_gen,
+            )
         self.history.append((kind, offset, length, data))
         blockers = set(self.overlap.add(seq, offset, length))
         self.pending_local[seq] = PendingLocal(seq, kind, offset, length, data, fua, blockers)
@@ -376,6 +409,9 @@ class Simulation:
         core = self.primary
         core.take_new_dirty()
         if core.take_went_outdated():
+            # The log overflowed (later writes, not the switchover): a resync
+            # is legitimate from here on.
+            self.expect_in_sync = False
             self._next_gen += 1
             self.p_gens = on_write_unreplicated(
                 self.p_gens,
@@ -411,6 +447,7 @@ class Simulation:
         decoded = decode_genstate(s_hello.lineage)
         assert decoded is not None
         decision = decide(self.p_gens, decoded[1])
+        after_switchover, self.expect_in_sync = self.expect_in_sync, False
         answer: Welcome | Refuse
         adopt_upto = None
         if decision.action is Action.IN_SYNC:
@@ -423,9 +460,14 @@ class Simulation:
             answer = core.peer_connected(s_hello, version)
             adopt_upto = core.last_seq
         elif decision.action is Action.RESYNC:
+            # A planned switchover between copies in sync never needs one
+            # (writes since then catch up through the log).
+            assert not after_switchover, f"resync after a switchover: {decision}"
             # Only the primary writes here, so it is always the source.
             assert decision.source == "local", decision
-            answer = core.start_resync(s_hello, version, full=decision.full)
+            answer = core.start_resync(
+                s_hello, version, full=decision.full, with_peer_bitmap="peer" in decision.bitmaps
+            )
             self.stats.resyncs_started += 1
         else:
             raise AssertionError(f"unexpected decision with one writer: {decision}")
@@ -443,7 +485,8 @@ class Simulation:
             # As the shell: a consistent target flushes and starts its undo log.
             self.sec_disk.flush()
             self.undo = {}
-            self.undo_base_k = sec.applied_seq
+            self.undo_base = bytes(self.sec_disk.image())
+            self.undo_base_k = -1 if self.diverged else sec.applied_seq
         sec.on_welcome(answer)
         if answer.flags:
             # Rebased resync target: inconsistent (persisted) until done.
@@ -454,6 +497,10 @@ class Simulation:
             self.replaying_until = None
         elif self.replaying:
             self.replaying_until = answer.primary_seq
+        if answer.flags & WELCOME_FLAG_SEND_BITMAP:
+            # The target sends its own changes, to be rolled back too.
+            runs = list(self.s_own_bitmap.runs())
+            self.to_primary.append(self.s_enc.encode(PeerBitmap(tuple(runs), True)))
         if adopt_upto is not None:
             self._shared_gen = self.p_gens.current.id
             self.connected = True  # the announcement goes on the wire now
@@ -603,6 +650,8 @@ class Simulation:
             decoded = decode_genstate(self._resync_lineage)
             assert decoded is not None
             self.undo = None  # discarded before the lineage is adopted
+            self.diverged = False  # it now holds the primary's history
+            self.s_own_bitmap.clear()
             self.s_gens, _ = after_resync(self.s_gens, decoded[1])
             self.s_gens = replace(self.s_gens, primary=False)
             # The sync that completed it flushed everything: durable is a prefix.
@@ -639,6 +688,9 @@ class Simulation:
                     if not self.fault_ignore_differs:
                         self.primary.on_differs(msg, self.now_s)
                     continue
+                if isinstance(msg, PeerBitmap):
+                    self.primary.on_peer_bitmap(msg, self.now_s)
+                    continue
                 if not isinstance(msg, Ack):
                     raise ProtocolError(f"unexpected {type(msg).__name__}")
                 self._completed(self.primary.on_ack(msg, now_s=self.now_s))
@@ -658,6 +710,133 @@ class Simulation:
         self.replaying = True
         self.replaying_until = None
 
+    # ------------------------------------------------------------ role swaps
+
+    def _swap_sites(self, new_primary_image: bytes, k: int) -> None:
+        """The secondary's site becomes primary with ``new_primary_image`` (the
+        history's first ``k`` writes); the old primary's site becomes its
+        secondary, holding what the old primary's disk holds."""
+        old_core = self.primary
+        old_image = bytes(self.primary_disk)
+        self.primary = PrimaryCore(
+            self.policy, self.size_bytes, last_seq=k, bitmaps={"peer": self.s_own_bitmap}
+        )
+        self.s_own_bitmap = old_core.peer.bitmap
+        self.primary_disk = bytearray(new_primary_image)
+        self.sec_disk = SimDisk(self.size_bytes)
+        self.sec_disk.durable[:] = old_image
+        self.sec_meta_durable = old_core.last_seq
+        self.secondary = self._new_secondary(old_core.last_seq)
+        self.overlap = OverlapTracker()
+        self.replaying = False
+        self.replaying_until = None
+        self.undo = None
+        self.pending_flushes = []  # the old primary's application is gone
+
+    def switchover(self) -> bool:
+        """A planned switchover: only between copies in sync (everything
+        applied and durable on the secondary); the roles swap with no
+        generation change, and the next connect must find them in sync."""
+        # The demotion drains the peer: everything in flight reaches it and
+        # is applied and synced (a lineage announcement included) first.
+        while self.connected and (self.to_secondary or self.sec_queue):
+            while self.deliver_to_secondary():
+                pass
+            while self.secondary_apply():
+                pass
+        self.secondary_sync()
+        while self.deliver_to_primary():
+            pass
+        core, sec = self.primary, self.secondary
+        k = core.last_seq
+        if (
+            not self.connected
+            or sec.resync_upto is not None
+            or self.pending_local
+            or core.outdated
+            or core.peer.resyncing
+            or self.replaying
+            or self.s_gens.inconsistent
+            or self.diverged
+            or sec.applied_seq != k
+            or sec.durable_seq != k
+            or core.peer_durable != k
+        ):
+            return False
+        self.cut()
+        image = bytes(self.sec_disk.image())
+        assert image == self.prefix_image(k), "switchover onto a copy that is not the history"
+        p_gens, s_gens = self.p_gens, self.s_gens
+        self._swap_sites(image, k)
+        self.p_gens = on_promote(s_gens, 0, int(self.now_s), connected_in_sync=True, forced=False)
+        self.s_gens = replace(p_gens, primary=False)
+        self._shared_gen = self.p_gens.current.id
+        self.durable_torn = False  # its disk holds exactly the first k writes
+        self.expect_in_sync = True
+        self.stats.switchovers += 1
+        return True
+
+    def force_promote(self) -> bool:
+        """The primary's site is lost: the disconnected secondary is promoted
+        by force (a cut-off resync target rolls back through its undo log).
+        Writes past its image are lost, and reported; sync mode must not lose
+        a write acknowledged while the peer was required. The old primary
+        returns as secondary with a history of its own, to be rolled back."""
+        if self.connected:
+            self.cut()
+        while self.complete_local(0):
+            pass
+        if self.diverged:
+            return False  # its own old history: not what this test promotes
+        if self.undo is not None:
+            image = bytearray(self.sec_disk.image())
+            region = self.policy.region_bytes
+            for r, old in self.undo.items():
+                image[r * region : r * region + len(old)] = old
+            base, k = bytes(image), self.undo_base_k
+        elif self.replaying or self.s_gens.inconsistent:
+            return False  # not promotable without salvage; the test does not do that
+        else:
+            base, k = bytes(self.sec_disk.image()), self.secondary.applied_seq
+        assert k >= 0 and self.prefix_image(k) == base, (
+            "a promotable copy that is no prefix of the history"
+        )
+        lost = sorted(s for s in self.acked if s > k)
+        # A copy rolled back from a cut-off resync loses what the resync and the
+        # writes shipped during it brought (reported); any other must hold every
+        # write acknowledged while the peer was required.
+        assert (
+            self.undo is not None or self.policy.mode != Mode.SYNC or (self.must_be_applied <= k)
+        ), (
+            f"forced promotion at write {k} loses write {self.must_be_applied}, acknowledged "
+            "while the peer was required"
+        )
+        self.forced_lost.extend(lost)
+        p_gens, s_gens = self.p_gens, self.s_gens
+        self._swap_sites(base, k)
+        self._next_gen += 1
+        self.p_gens = on_promote(
+            replace(s_gens, inconsistent=False),
+            self._next_gen,
+            int(self.now_s),
+            connected_in_sync=False,
+            forced=True,
+        )
+        self.s_gens = replace(p_gens, primary=False)
+        self._shared_gen = None
+        self.diverged = True
+        self.durable_torn = True
+        self.expect_in_sync = False
+        # The history is now the promoted copy's: its first k writes, then its own.
+        del self.history[k:]
+        self._prefix_cache = {j: img for j, img in self._prefix_cache.items() if j <= k}
+        self.acked = {s for s in self.acked if s <= k}
+        self.fua_writes = {s for s in self.fua_writes if s <= k}
+        self.must_be_applied = min(self.must_be_applied, k)
+        self.must_be_durable = min(self.must_be_durable, k)
+        self.stats.forced_promotions += 1
+        return True
+
     def allow_degraded(self) -> None:
         self._completed(self.primary.allow_degraded())
 
@@ -673,7 +852,7 @@ class Simulation:
         )
         assert 0 <= core.peer_durable <= core.peer_applied <= core.last_seq
         # Property 2: the secondary is a prefix of the primary's history.
-        if not self.replaying and not self.s_gens.inconsistent:
+        if not self.replaying and not self.s_gens.inconsistent and not self.diverged:
             image = self.sec_disk.image()
             assert image == self.prefix_image(sec.applied_seq), (
                 f"secondary image is not the primary's history after {sec.applied_seq} writes"
@@ -682,7 +861,7 @@ class Simulation:
         # its consistent pre-resync image, now and after a crash (what is
         # durable, with the log applied).
         if self.undo is not None:
-            base = self.prefix_image(self.undo_base_k)
+            base = self.undo_base
             region = self.policy.region_bytes
             for img, what in (
                 (self.sec_disk.image(), "now"),
@@ -805,6 +984,8 @@ def run_random(
         (0.967, lambda: sim.corrupt(rng.randrange(8), rng.randrange(1 << 16))),
         (0.972, sim.crash_secondary),
         (0.975, sim.allow_degraded),
+        (0.978, sim.switchover),
+        (0.980, sim.force_promote),
         (1.0, lambda: sim.tick(rng.random())),
     ]
     for _ in range(steps):

@@ -244,7 +244,7 @@ _STORE_KIND = {WriteKind.WRITE: "write", WriteKind.ZEROES: "zeroes", WriteKind.T
 
 # What the secondary's receiver hands its applier: a validated batch in the
 # order the core says to apply it, with its last sequence number; or a FLUSH.
-_ApplyItem = tuple[tuple[WriteEntry, ...], int] | Flush | ResyncDone
+_ApplyItem = tuple[tuple[WriteEntry, ...], int] | Flush | ResyncDone | Bye
 
 
 class ReplicatedVolume:
@@ -767,6 +767,23 @@ class ReplicatedVolume:
                 raise GeoclusError(f"volume {self.spec.name} is shutting down; write refused")
             await self._wait_changed()
         seq = core.submit(kind, offset, length, data, fua, start, held=self.al is not None)
+        if not core.peer.connected or core.outdated:
+            # Our data history leaves the peer's with this write: a new
+            # generation (written ahead of the data by the barrier), or a
+            # forced promotion of the peer would not roll it back later.
+            before = self.gens
+            self.gens = on_write_unreplicated(
+                self.gens,
+                _new_generation(),
+                time.time_ns(),
+                shared=self.gens.current.id == self._shared_gen,
+            )
+            if self.gens is not before:
+                self._gens_pending = True
+                self.events.add(
+                    "diverged",
+                    f"writing without the peer: new generation {self.gens.current.id:#x}",
+                )
         self._note_bitmap_changes()
         return seq
 
@@ -1487,9 +1504,11 @@ class ReplicatedVolume:
                 self.rtt.add(max(0.0, (time.monotonic_ns() - msg.sent_ns) / 1e9))
             elif isinstance(msg, Bye):
                 if msg.reason.startswith(DEMOTED_BYE):
-                    # Only a drained demotion lets us take over without loss.
-                    self._peer_demoted = msg.reason.endswith("peer in sync: True")
-                    self.events.add("peer", f"the primary demoted itself: {msg.reason}")
+                    # Everything before the BYE (a lineage announcement
+                    # above all) is applied and synced first: the applier ends
+                    # the session when it reaches the BYE.
+                    await queue.send(msg)
+                    await trio.sleep_forever()
                 raise ProtocolError(f"primary said goodbye: {msg.reason}")
             else:
                 raise ProtocolError(f"unexpected {type(msg).__name__} from the primary")
@@ -1523,6 +1542,18 @@ class ReplicatedVolume:
             elif isinstance(item, ResyncDone):
                 core.on_resync_done(item.upto_seq)
                 self._resync_lineage = item.lineage
+            elif isinstance(item, Bye):
+                # The primary demoted itself after draining us: make what we
+                # applied durable (adopting an announced lineage), then end.
+                with trio.CancelScope(shield=True):
+                    if core.durable_seq < core.applied_seq:
+                        await self._secondary_sync()
+                    if core.resync_complete():
+                        await self._adopt_resynced_lineage()
+                # Only a drained demotion lets us take over without loss.
+                self._peer_demoted = item.reason.endswith("peer in sync: True")
+                self.events.add("peer", f"the primary demoted itself: {item.reason}")
+                raise ProtocolError(f"primary said goodbye: {item.reason}")
             now = trio.current_time()
             periodic = core.durable_seq < core.applied_seq and now - last_sync >= interval
             if core.sync_needed() or periodic:

@@ -121,6 +121,16 @@ class ReplicationMachine(RuleBasedStateMachine):
     def allow_degraded(self) -> None:
         self.sim.allow_degraded()
 
+    @rule()
+    def switchover(self) -> None:
+        if self.sim.switchover():
+            note("planned switchover")
+
+    @rule()
+    def force_promote(self) -> None:
+        if self.sim.force_promote():
+            note(f"forced promotion; lost so far: {self.sim.forced_lost}")
+
     @rule(dt=st.floats(0.0, 3.0))
     def tick(self, dt: float) -> None:
         self.sim.tick(dt)
@@ -255,13 +265,14 @@ def test_properties_catch_broken_ordering(machine: type, expected: str) -> None:
 def test_seeded_simulation_catches_broken_ordering(fault: str, expected: str) -> None:
     policy = ReplicationPolicy(mode=Mode.ASYNC, max_lag_bytes=1 << 20)
     caught = 0
-    for seed in range(20):
+    for seed in range(40):
         try:
             run_random(policy, seed, **{fault: True})
         except AssertionError as exc:
             assert expected in str(exc)
             caught += 1
-    assert caught >= 15, f"only {caught}/20 seeds caught the broken rule"
+    # Runs with forced promotions start a shorter history: fewer chances.
+    assert caught >= 20, f"only {caught}/40 seeds caught the broken rule"
 
 
 @pytest.mark.parametrize(
@@ -316,6 +327,45 @@ def test_resyncs_happen_and_complete_in_the_simulation() -> None:
         started += sim.stats.resyncs_started
         completed += sim.stats.resyncs_completed
     assert started > 40 and completed >= 40  # every run ends resynced
+
+
+def test_switchovers_and_forced_promotions_happen_in_the_simulation() -> None:
+    """Role swaps are really exercised, and every run still converges (the
+    returning old primary rolled back, a switchover never needing a resync)."""
+    switchovers = forced = lost = 0
+    for mode in (Mode.SYNC, Mode.ASYNC):
+        policy = ReplicationPolicy(mode=mode, max_lag_bytes=8 * 1024, region_bytes=1024)
+        for seed in range(60):
+            sim = run_random(policy, seed)
+            switchovers += sim.stats.switchovers
+            forced += sim.stats.forced_promotions
+            lost += len(sim.forced_lost)
+    assert switchovers >= 5 and forced >= 40
+    assert lost > 0  # forced promotions do lose (reported) async writes
+
+
+def test_forced_promotion_with_the_source_bitmap_only_is_caught(monkeypatch) -> None:
+    """Break the decision rule on purpose: resync a returning old primary from
+    the new primary's bitmap only (its own divergent writes are then never
+    rolled back). The simulation with forced promotions must catch it."""
+    from dataclasses import replace
+
+    import replicator.simulation as simulation
+    from replicator.generations import decide
+
+    def broken(local, peer, policy=None):  # type: ignore[no-untyped-def]
+        d = decide(local, peer)
+        return replace(d, bitmaps=d.bitmaps - {"peer"})
+
+    monkeypatch.setattr(simulation, "decide", broken)
+    policy = ReplicationPolicy(mode=Mode.ASYNC, max_lag_bytes=8 * 1024, region_bytes=1024)
+    caught = 0
+    for seed in range(60):
+        try:
+            run_random(policy, seed)
+        except AssertionError:
+            caught += 1
+    assert caught >= 10, f"only {caught}/60 seeds caught the broken decision rule"
 
 
 def test_catch_up_of_a_cut_off_resync_target_is_caught(monkeypatch) -> None:
