@@ -342,11 +342,18 @@ def promote(config_path: str, force: bool) -> None:
 
     r = request(_control_path(config_path), "promote", force=force, timeout_s=60.0)
     if r.get("forced"):
+        missing = r["known_missing_writes"]
+        count = "an unknown number of" if missing is None else f"at least {missing}"
         click.echo(
             f"FORCED promotion: now primary at write {r['applied_seq']}, generation "
-            f"{r['generation']}; at least {r['known_missing_writes']} writes of the old "
-            "primary are known to be missing here"
+            f"{r['generation']}; {count} writes of the old primary are known to be missing here"
             + (" (this copy was inconsistent!)" if r.get("was_inconsistent") else "")
+            + (
+                f"; rolled back {r['rolled_back_regions']} regions of a cut-off resync to "
+                "its consistent pre-resync image"
+                if r.get("rolled_back_regions")
+                else ""
+            )
         )
     else:
         click.echo(

@@ -291,6 +291,7 @@ class ReplicatedVolume:
         # pre-resync image can be restored, so it stays promotable.
         self.undo = undo
         self._undo_active = undo_active
+        self._undo_base_seq: int | None = None  # unknown after a restart
         self.undo_rollbacks = 0
         self.bitmap_file = bitmap_file
         self._loaded_bitmap = bitmap
@@ -1396,6 +1397,9 @@ class ReplicatedVolume:
                 await self.store.flush()  # the image to restore is the durable one
         if undo is not None:
             await self.store.run_blocking(undo.begin, base)
+            if not self._undo_active:
+                # The primary's position when the pre-resync image was kept.
+                self._undo_base_seq = core.durable_seq
             self._undo_active = True
         self.gens = replace(self.gens, inconsistent=True)
         self.state = replace(self.state, seq=core.durable_seq)
@@ -1776,8 +1780,14 @@ class ReplicatedVolume:
             self._gens_pending = True
             await self._persist_role(applied)
             self._peer_demoted = False
-            missing = max(0, known_primary - applied)
+            # Rolled back to the pre-resync image: everything the primary
+            # sequenced since the resync began is missing (and the regions the
+            # resync was bringing: older writes, not counted).
+            since = self._undo_base_seq if rolled_back else applied
+            missing: int | None = None if since is None else max(0, known_primary - since)
             what = "forced promotion" if force else "promoted after the primary demoted"
+            if rolled_back:
+                what += " (rolled back to the pre-resync image: at least these writes missing)"
             report = {
                 "role": "primary",
                 "forced": force,
@@ -1787,15 +1797,16 @@ class ReplicatedVolume:
                 "was_inconsistent": inconsistent,
                 "rolled_back_regions": rolled_back,
             }
+            count = "an unknown number of" if missing is None else str(missing)
             self.events.add(
-                "role", f"{what}; {missing} writes known to be missing" if force else what, **report
+                "role", f"{what}; {count} writes known to be missing" if force else what, **report
             )
             log.warning(
-                "volume %s: %s (applied %d, %d writes known missing)",
+                "volume %s: %s (applied %d, %s writes known missing)",
                 self.spec.name,
                 what,
                 applied,
-                missing if force else 0,
+                count if force else "0",
             )
             self._start_link()
             self._notify()
