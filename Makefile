@@ -3,10 +3,10 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-DEBS    := libnbd-bin qemu-utils fio nbdkit
+DEBS    := libnbd-bin qemu-utils fio nbdkit fuse3 e2fsprogs mount util-linux
 DEBSTAMP := $(VENV)/.debs
 
-.PHONY: all venv debs test lint demo bench clean
+.PHONY: all venv debs test lint demo bench crash clean
 
 all: test
 
@@ -46,6 +46,10 @@ demo: $(STAMP) $(DEBSTAMP)
 bench: $(STAMP) $(DEBSTAMP)
 	$(VPY) -m bench.replication
 	$(VPY) -m bench.resync
+
+# Crash-consistency campaign (root, /dev/fuse, loop devices; about 10 minutes).
+crash: $(STAMP) $(DEBSTAMP)
+	$(VPY) -m bench.crash --trials 50
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache

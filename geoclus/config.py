@@ -21,6 +21,9 @@ Example::
 
     [export]
     nbd = "db-a.nbd"         # a Unix socket path, or "tcp://127.0.0.1:10809"
+    # NBD over TLS (STARTTLS, client certificates from the cluster CA required);
+    # default false. A TCP export without it is plain text (a warning is logged).
+    tls = { ca = "ca/ca.crt", cert = "ca/site-a.crt", key = "ca/site-a.key" }
 
     [control]
     socket = "db-a.ctl"
@@ -70,11 +73,23 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """Where the NBD export listens: a Unix socket and/or TCP."""
+    """Where the NBD export listens: a Unix socket and/or TCP.
+
+    ``tls``, if set, makes every NBD connection upgrade with ``NBD_OPT_STARTTLS``
+    before anything else and present a client certificate issued by the
+    cluster CA (``tls.peer_node`` is not used: any such certificate is accepted).
+    """
 
     unix_path: str | None
     tcp: Endpoint | None
     name: str
+    tls: TlsConfig | None = None
+
+    @property
+    def plain_tcp(self) -> bool:
+        """True for a TCP export without TLS (data and writes travel in clear
+        text, and anyone who can reach the port can use the volume)."""
+        return self.tcp is not None and self.tls is None
 
 
 @dataclass(frozen=True)
@@ -127,7 +142,7 @@ _ALLOWED = {
         "resync_checksum",
         "resync_max_rate",
     },
-    "export": {"nbd", "name"},
+    "export": {"nbd", "name", "tls"},
     "control": {"socket"},
 }
 
@@ -258,6 +273,30 @@ def _coalesce(r: _Reader, rep: dict[str, Any]) -> float:
     if not 0 <= value <= 0.1:
         raise r.fail("replication.async_coalesce_s", f"{value} must be between 0 and 0.1 seconds")
     return float(value)
+
+
+def _export_tls(r: _Reader, exp: dict[str, Any]) -> TlsConfig | None:
+    """``export.tls``: absent or false for none, or a table {ca, cert, key} of
+    existing files (the node's own pair and the cluster CA, as for replication)."""
+    value = exp.get("tls", False)
+    if value is False:
+        return None
+    if not isinstance(value, dict):
+        raise r.fail("export.tls", "must be a table {ca, cert, key} or false")
+    unknown = set(value) - {"ca", "cert", "key"}
+    if unknown:
+        raise r.fail(f"export.tls.{sorted(unknown)[0]}", "unknown key (allowed: ca, cert, key)")
+    files = {}
+    for key in ("ca", "cert", "key"):
+        path = r.path_of(value, "export.tls", key)
+        if not os.path.isfile(path):
+            raise r.fail(
+                f"export.tls.{key}",
+                f"{path} does not exist (create it with `geoclus ca init` / "
+                "`geoclus ca issue NODE`)",
+            )
+        files[key] = path
+    return TlsConfig(files["ca"], files["cert"], files["key"])
 
 
 def load_config(path: str) -> DaemonConfig:
@@ -435,7 +474,9 @@ def parse_config(data: dict[str, Any], path: str = "<memory>") -> DaemonConfig:
         unix_path = r.path_of(exp, "export", "nbd")
         if len(unix_path.encode()) > 107:
             raise r.fail("export.nbd", f"socket path {unix_path} is longer than 107 bytes")
-    export = ExportConfig(unix_path, tcp, r.get(exp, "export", "name", str, name))
+    export = ExportConfig(
+        unix_path, tcp, r.get(exp, "export", "name", str, name), _export_tls(r, exp)
+    )
     control = r.path_of(ctl, "control", "socket")
     if len(control.encode()) > 107:
         raise r.fail("control.socket", f"socket path {control} is longer than 107 bytes")

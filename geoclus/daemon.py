@@ -58,6 +58,17 @@ def _tls_contexts(cfg: DaemonConfig) -> tuple[ssl.SSLContext | None, ssl.SSLCont
     )
 
 
+def _export_tls_context(cfg: DaemonConfig) -> ssl.SSLContext | None:
+    """The NBD export's server-side context (mutual TLS with the cluster CA), or
+    None. Raises CaError if the files cannot be used."""
+    tls = cfg.export.tls
+    if tls is None:
+        return None
+    from geoclus.ca import server_ssl_context
+
+    return server_ssl_context(tls.ca, tls.cert, tls.key)
+
+
 def _check_peer_name(cfg: DaemonConfig, stream: TlsSocketStream) -> str:
     from geoclus.ca import peer_node_name
 
@@ -93,6 +104,7 @@ class Daemon:
         self.volume: ReplicatedVolume | None = None
         self._shutdown = trio.Event()
         self._server_ctx, self._client_ctx = _tls_contexts(cfg)
+        self._export_ctx = _export_tls_context(cfg)
         self.nbd: NbdServer | None = None
 
     def request_shutdown(self) -> None:
@@ -230,7 +242,16 @@ class Daemon:
                     default_export=cfg.export.name,
                     # One write must fit in one replication frame.
                     max_payload_bytes=MAX_WRITE_BYTES,
+                    tls_context=self._export_ctx,
                 )
+                if cfg.export.plain_tcp:
+                    log.warning(
+                        "volume %s: the NBD export on %s is plain TCP: anyone who can "
+                        "reach it can read and write the volume; set export.tls to "
+                        "require TLS with cluster certificates",
+                        cfg.spec.name,
+                        cfg.export.tcp,
+                    )
                 nbd_addr = await nursery.start(self.nbd.serve)
                 await nursery.start(serve_control, cfg.control_socket, self._control)
                 log.info(

@@ -269,6 +269,66 @@ class FileStore:
             self._pwrite_all(offset, memoryview(zero)[:n], 0)
             offset += n
 
+    def extents(self, offset: int, length: int, max_extents: int = 1024) -> list[tuple[int, int]]:
+        """Allocation of ``[offset, offset+length)``: consecutive ``(length,
+        flags)`` extents from ``offset``, flags ``EXTENT_HOLE | EXTENT_ZERO`` for
+        holes and 0 for data (see :class:`~replicator.device.SupportsBlockStatus`).
+
+        A regular file is probed with ``lseek(SEEK_DATA/SEEK_HOLE)``, so TRIM
+        (punched holes) and WRITE_ZEROES (on filesystems that leave unwritten
+        extents) show as holes; boundaries are rounded to the block size with
+        any partly allocated block counted as data. A block device, or a
+        filesystem that cannot tell, reports everything as data. At most
+        ``max_extents`` extents are returned (each costs two ``lseek`` calls;
+        the bound keeps one call on a fragmented file short), covering a prefix
+        of the range. Raises :class:`IOAlignmentError` for a bad range and
+        :class:`StoreError` if ``lseek`` fails for another reason.
+        """
+        from replicator.device import EXTENT_HOLE, EXTENT_ZERO
+
+        self.check(offset, length)
+        if length == 0:
+            return []
+        if self.info.is_block_device:
+            return [(length, 0)]
+        block = self.info.block_size
+        end = offset + length
+        hole_flags = EXTENT_HOLE | EXTENT_ZERO
+        out: list[tuple[int, int]] = []
+
+        def add(n: int, flags: int) -> None:
+            if out and out[-1][1] == flags:
+                out[-1] = (out[-1][0] + n, flags)
+            else:
+                out.append((n, flags))
+
+        def seek(pos: int, whence: int) -> int:
+            """The next data (hole) start at or after ``pos``; ``end`` if none."""
+            try:
+                return min(os.lseek(self._fd, pos, whence), end)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data between pos and end of file
+                    return end
+                raise StoreError(
+                    f"cannot probe allocation at {pos} in {self.info.path}: {exc}"
+                ) from exc
+
+        pos = offset
+        while pos < end and len(out) < max_extents:
+            data = seek(pos, os.SEEK_DATA)
+            data -= (data - offset) % block  # a partly allocated block is data
+            if data > pos:
+                add(data - pos, hole_flags)
+                pos = data
+                if pos == end:
+                    break
+            hole = seek(pos, os.SEEK_HOLE)
+            hole = min(end, hole + (-(hole - offset)) % block)
+            hole = max(hole, pos + block)  # always progress, even on odd answers
+            add(hole - pos, 0)
+            pos = hole
+        return out
+
     def fdatasync(self) -> None:
         """Make every write that returned before this call durable."""
         try:
@@ -436,6 +496,12 @@ class AsyncStore:
     async def write_zeroes(self, offset: int, length: int, punch: bool = False) -> None:
         self.store.check(offset, length)
         await self._write_op(self.store.write_zeroes, offset, length, punch)
+
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """:meth:`FileStore.extents` on a worker thread (range checked first,
+        without a thread hop). Raises like it."""
+        self.store.check(offset, length)
+        return await self._run(self.store.extents, offset, length)
 
     async def flush(self) -> None:
         """Return once every write completed before this call is durable.

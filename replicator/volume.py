@@ -338,6 +338,7 @@ class ReplicatedVolume:
         self._overlap = OverlapTracker(
             fault_ignore_overlaps="primary-ignore-overlaps" in spec.faults
         )
+        self._fault_out_of_order = "secondary-out-of-order" in spec.faults
         self._local_done_events: dict[int, trio.Event] = {}
         self._completion_events: dict[int, trio.Event] = {}
         # Sizes the resync's in-flight window from measured application write
@@ -616,6 +617,11 @@ class ReplicatedVolume:
 
     async def read(self, offset: int, length: int) -> bytes:
         return await self.store.read(offset, length)
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Extents (length, flags) of this copy's store from ``offset``: holes
+        (trimmed or never written) and data (NBD ``base:allocation``)."""
+        return await self.store.extents(offset, length)
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         await self._submit(WriteKind.WRITE, offset, len(data), bytes(data), fua)
@@ -1524,13 +1530,19 @@ class ReplicatedVolume:
         assert core is not None
         interval = self.spec.timers.secondary_sync_interval_s
         last_sync = trio.current_time()
+        held: _ApplyItem | None = None
         while True:
             item: _ApplyItem | None = None
-            with trio.move_on_after(interval):
-                try:
-                    item = await queue.receive()
-                except trio.EndOfChannel:
-                    return
+            if held is not None:
+                item, held = held, None
+            else:
+                with trio.move_on_after(interval):
+                    try:
+                        item = await queue.receive()
+                    except trio.EndOfChannel:
+                        return
+            if isinstance(item, tuple) and self._fault_out_of_order:
+                item, held = await self._fault_unordered_window(item, queue)
             if isinstance(item, tuple):
                 ordered, last_seq = item
                 # Shielded: applied_seq must match what is in the store.
@@ -1571,6 +1583,33 @@ class ReplicatedVolume:
             if differs is not None:
                 await ch.send(differs)  # ahead of the ACK that covers them
             await ch.send(core.ack())
+
+    async def _fault_unordered_window(
+        self,
+        first: tuple[tuple[WriteEntry, ...], int],
+        queue: trio.MemoryReceiveChannel[_ApplyItem],
+    ) -> tuple[tuple[tuple[WriteEntry, ...], int], _ApplyItem | None]:
+        """Test-only (``secondary-out-of-order``): a replicator that does not
+        keep write order. The writes received over 100 ms are applied one by
+        one in a random order, and a link loss stops that midway: some later
+        writes land while earlier ones do not. Returns the window as one batch
+        (applied again in order afterwards, so a completed window ends as
+        usual) and the first non-batch item that arrived. Never in production."""
+        entries, last_seq = list(first[0]), first[1]
+        other: _ApplyItem | None = None
+        with trio.move_on_after(0.1):
+            while True:
+                nxt = await queue.receive()
+                if not isinstance(nxt, tuple):
+                    other = nxt
+                    break
+                entries += nxt[0]
+                last_seq = nxt[1]
+        shuffled = list(entries)
+        secrets.SystemRandom().shuffle(shuffled)
+        for e in shuffled:
+            await self._apply_batch((e,))
+        return (tuple(entries), last_seq), other
 
     async def _apply_batch(self, entries: tuple[WriteEntry, ...]) -> None:
         core = self.secondary

@@ -525,3 +525,27 @@ async def test_online_verify_through_the_cli_under_load(tmp_path) -> None:
             n.cancel_scope.cancel()
         assert await pair.stop() == (0, 0)
     assert digest(pair.a.store) == digest(pair.b.store)
+
+
+async def test_block_status_of_the_replicated_export_shows_holes_and_data(tmp_path) -> None:
+    """`nbdinfo --map` (NBD_CMD_BLOCK_STATUS, base:allocation) on a replicated
+    primary: the region written is data, the rest of the new volume a hole."""
+    opts = SiteOptions(mode="sync", size="16MiB")
+    async with running_pair(str(tmp_path), opts) as pair:
+        client = await NbdClient.connect_unix(pair.a.nbd, "demo")
+        async with trio.open_nursery() as n:
+            await n.start(client.run)
+            await client.write(4 << 20, b"\x5a" * (1 << 20))
+            await client.flush()
+            await client.aclose()
+            n.cancel_scope.cancel()
+        uri = f"nbd+unix:///demo?socket={pair.a.nbd}"
+        r = await trio.run_process(
+            ["nbdinfo", "--map", "--json", uri], capture_stdout=True, capture_stderr=True
+        )
+        extents = json.loads(r.stdout)
+        data = [(e["offset"], e["length"]) for e in extents if e["type"] & 1 == 0]
+        holes = sum(e["length"] for e in extents if e["type"] & 1)
+        assert data == [(4 << 20, 1 << 20)], extents
+        assert holes == (16 << 20) - (1 << 20)
+        assert await pair.stop() == (0, 0)

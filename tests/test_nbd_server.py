@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import stat
 import struct
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from geoclus.errors import (
 from geoclus.nbd import NbdAddresses, NbdServer, nbd_error_for
 from geoclus.nbd import proto as p
 from replicator.memory import MemoryDevice
+from replicator.store import AsyncStore, FileStore
 
 MiB = 1024 * 1024
 
@@ -33,7 +35,7 @@ MiB = 1024 * 1024
 class Client:
     """Just enough of an NBD client to drive the server from tests."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self._buf = bytearray()
         self.size_bytes = 0
@@ -123,6 +125,66 @@ class Client:
     async def aclose(self) -> None:
         await self.stream.aclose()
 
+    # negotiated extensions ------------------------------------------------------------
+
+    async def starttls(self, context: ssl.SSLContext) -> int:
+        """NBD_OPT_STARTTLS; on ACK, run the client side of TLS over the stream
+        (trio.SSLStream works over any stream, Unix sockets included). Returns the
+        reply type."""
+        ((rtype, _),) = await self.option(p.NBD_OPT_STARTTLS)
+        if rtype == p.NBD_REP_ACK:
+            assert not self._buf, "server sent bytes after the STARTTLS ACK"
+            tls = trio.SSLStream(self.stream, context, server_hostname=None)
+            await tls.do_handshake()
+            self.stream = tls
+        return rtype
+
+    async def meta_context(
+        self, opt: int, export: str, queries: list[str]
+    ) -> list[tuple[int, bytes]]:
+        raw = export.encode()
+        data = struct.pack(">I", len(raw)) + raw + struct.pack(">I", len(queries))
+        for q in queries:
+            data += struct.pack(">I", len(q.encode())) + q.encode()
+        await self.stream.send_all(p.OPTION_HEADER.pack(p.IHAVEOPT, opt, len(data)) + data)
+        replies = []
+        while True:
+            magic, ropt, rtype, length = p.OPTION_REPLY_HEADER.unpack(await self.recv_exactly(20))
+            assert (magic, ropt) == (p.NBD_OPT_REPLY_MAGIC, opt)
+            replies.append((rtype, await self.recv_exactly(length)))
+            if rtype != p.NBD_REP_META_CONTEXT:
+                return replies
+
+    async def structured(self) -> tuple[int, list[tuple[int, bytes]]]:
+        """Read one structured reply, up to the chunk flagged DONE: the cookie and
+        its chunks as (type, payload)."""
+        chunks = []
+        while True:
+            magic, flags, rtype, cookie, length = p.STRUCTURED_REPLY_HEADER.unpack(
+                await self.recv_exactly(20)
+            )
+            assert magic == p.NBD_STRUCTURED_REPLY_MAGIC
+            chunks.append((rtype, await self.recv_exactly(length)))
+            if flags & p.NBD_REPLY_FLAG_DONE:
+                return cookie, chunks
+
+
+async def open_extended(path: str, export: str = "vol", contexts: bool = True) -> Client:
+    """A client with structured replies and (optionally) base:allocation selected."""
+    client = await Client.connect(path)
+    await client.greet()
+    assert await client.option(p.NBD_OPT_STRUCTURED_REPLY) == [(p.NBD_REP_ACK, b"")]
+    if contexts:
+        replies = await client.meta_context(p.NBD_OPT_SET_META_CONTEXT, export, ["base:allocation"])
+        assert [r[0] for r in replies] == [p.NBD_REP_META_CONTEXT, p.NBD_REP_ACK]
+    assert await client.go(export) == p.NBD_REP_ACK
+    return client
+
+
+def descriptors(payload: bytes) -> list[tuple[int, int]]:
+    """The (length, flags) descriptors of a BLOCK_STATUS chunk (after the id)."""
+    return [p.BLOCK_DESCRIPTOR.unpack_from(payload, i) for i in range(4, len(payload), 8)]
+
 
 # --- devices with behaviour -------------------------------------------------------------
 
@@ -170,6 +232,52 @@ class FaultyDevice(MemoryDevice):
 class ShortReadDevice(MemoryDevice):
     async def read(self, offset: int, length: int) -> bytes:
         return (await super().read(offset, length))[:-1]
+
+
+class StoreDevice:
+    """A thin BlockDevice over an AsyncStore (a sparse file), with block status:
+    TRIM punches holes, WRITE_ZEROES zeroes a range, flush is the store's group
+    commit."""
+
+    def __init__(self, path: str, size_bytes: int, block_size: int = 512) -> None:
+        self.store = AsyncStore(FileStore(path, size_bytes, block_size))
+
+    @property
+    def size_bytes(self) -> int:
+        return self.store.size_bytes
+
+    @property
+    def block_size(self) -> int:
+        return self.store.block_size
+
+    @property
+    def read_only(self) -> bool:
+        return False
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self.store.read(offset, length)
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        await self.store.write(offset, data, fua)
+
+    async def flush(self) -> None:
+        await self.store.flush()
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self.store.write_zeroes(offset, length, punch=True)
+        if fua:
+            await self.store.flush()
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
+        await self.store.write_zeroes(offset, length)
+        if fua:
+            await self.store.flush()
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return await self.store.extents(offset, length)
+
+    def close(self) -> None:
+        self.store.close()
 
 
 # --- fixtures -----------------------------------------------------------------------------

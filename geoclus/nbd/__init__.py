@@ -6,13 +6,19 @@ devices::
 
     await serve_nbd({"vol0": device}, unix_path="/run/geoclus/nbd.sock",
                     default_export="vol0", task_status=task_status)
+
+Structured replies, ``base:allocation`` block status, multi-connection use and
+TLS (``tls_context=``) are described, against the specification, in docs/nbd.md.
 """
 
 from geoclus.nbd.codec import (
     DEFAULT_MAX_PAYLOAD_BYTES,
+    MAX_BLOCK_STATUS_DESCRIPTORS,
     MAX_OPTION_BYTES,
     MAX_OPTIONS_PER_HANDSHAKE,
+    META_CONTEXT_IDS,
     NEED_DATA,
+    BlockStatusRequest,
     ClientClosed,
     DeviceRequest,
     DisconnectRequest,
@@ -28,9 +34,16 @@ from geoclus.nbd.codec import (
     ReadRequest,
     RejectedRequest,
     RequestEvent,
+    StartTls,
     TrimRequest,
     WriteRequest,
     WriteZeroesRequest,
+    block_status_descriptors,
+    encode_block_status_chunk,
+    encode_error_chunk,
+    encode_none_chunk,
+    encode_offset_data_chunk,
+    encode_offset_hole_chunk,
     encode_option_reply,
     encode_simple_reply,
 )
@@ -53,9 +66,12 @@ __all__ = [
     "DEFAULT_MAX_IN_FLIGHT_BYTES",
     "DEFAULT_MAX_IN_FLIGHT_REQUESTS",
     "DEFAULT_MAX_PAYLOAD_BYTES",
+    "MAX_BLOCK_STATUS_DESCRIPTORS",
     "MAX_OPTIONS_PER_HANDSHAKE",
     "MAX_OPTION_BYTES",
+    "META_CONTEXT_IDS",
     "NEED_DATA",
+    "BlockStatusRequest",
     "ClientClosed",
     "DeviceRequest",
     "DisconnectRequest",
@@ -74,9 +90,16 @@ __all__ = [
     "ReadRequest",
     "RejectedRequest",
     "RequestEvent",
+    "StartTls",
     "TrimRequest",
     "WriteRequest",
     "WriteZeroesRequest",
+    "block_status_descriptors",
+    "encode_block_status_chunk",
+    "encode_error_chunk",
+    "encode_none_chunk",
+    "encode_offset_data_chunk",
+    "encode_offset_hole_chunk",
     "encode_option_reply",
     "encode_simple_reply",
     "export_info_for",

@@ -1,28 +1,40 @@
-"""Sans-I/O server side of the NBD protocol (fixed newstyle, simple replies).
+"""Sans-I/O server side of the NBD protocol (fixed newstyle).
 
 :class:`NbdServerCodec` is a pure state machine: the shell feeds it the bytes it
 received (:meth:`~NbdServerCodec.receive_data`), pulls typed events one at a
 time (:meth:`~NbdServerCodec.next_event`), sends whatever
 :meth:`~NbdServerCodec.data_to_send` returns, and turns the outcome of each
-request into bytes with :meth:`~NbdServerCodec.encode_reply`. It never touches a
-socket, a clock or a device.
+request into bytes with :meth:`~NbdServerCodec.encode_reply` (or
+:meth:`~NbdServerCodec.encode_block_status_reply`). It never touches a socket,
+a clock or a device.
 
 Option haggling is answered entirely inside the codec (it only needs the export
 catalogue, :class:`ExportInfo`); the shell sees one event per option so it can
 flush the reply before the next option is parsed. In the transmission phase each
 complete request header (plus payload, for ``NBD_CMD_WRITE``) becomes one
 request event. Requests the codec can refuse on its own (unknown command,
-invalid flags, read-only export, too long, out of range) become
-:class:`RejectedRequest` events carrying the NBD error to reply with.
+invalid flags, read-only export, too long, out of range, block status without a
+metadata context) become :class:`RejectedRequest` events carrying the NBD error
+to reply with.
+
+Negotiated extensions:
+
+* ``NBD_OPT_STRUCTURED_REPLY``: afterwards every reply is structured (reads as
+  one ``NBD_REPLY_TYPE_OFFSET_DATA`` chunk, errors as ``NBD_REPLY_TYPE_ERROR``
+  with a message, everything else ``NBD_REPLY_TYPE_NONE``), all with
+  ``NBD_REPLY_FLAG_DONE``; without it, simple replies.
+* ``NBD_OPT_LIST_META_CONTEXT`` / ``NBD_OPT_SET_META_CONTEXT`` with the one
+  context we serve, ``base:allocation``; ``NBD_CMD_BLOCK_STATUS`` then becomes a
+  :class:`BlockStatusRequest`.
+* ``NBD_OPT_STARTTLS`` when the codec is built with ``tls=True`` (the spec's
+  FORCEDTLS mode): every other option except ``NBD_OPT_ABORT`` is refused with
+  ``NBD_REP_ERR_TLS_REQD`` until the client upgrades; the codec emits
+  :class:`StartTls` and the shell runs the TLS handshake before feeding it any
+  more (decrypted) bytes.
 
 Bytes that break the protocol raise :class:`~geoclus.errors.ProtocolError`
 naming what was wrong; after that the codec is dead (every further call raises
 the same error) and nothing from the offending frame has been emitted.
-
-Extension points: STARTTLS and structured replies are refused with
-``NBD_REP_ERR_UNSUP`` today. Both hook in at ``NbdServerCodec._option_handlers``
-(a per-option table) and :meth:`NbdServerCodec.encode_reply` (which already
-receives the request, so it can choose a structured reply for reads).
 """
 
 from __future__ import annotations
@@ -55,6 +67,19 @@ DEFAULT_MAX_PAYLOAD_BYTES: Final = p.NBD_DEFAULT_MAX_PAYLOAD_BYTES
 # Preferred block size we advertise (NBD_INFO_BLOCK_SIZE), unless the device's
 # minimum is larger.
 PREFERRED_BLOCK_BYTES: Final = 4096
+
+# Descriptors in one NBD_REPLY_TYPE_BLOCK_STATUS chunk at most (the spec's ceiling is
+# 2^20). Bounds the reply (8 bytes each: 32 KiB) and the work one request can ask
+# of the device on a badly fragmented store; the spec lets the server cover only a
+# prefix of the range, and clients ask again from where the reply stopped.
+MAX_BLOCK_STATUS_DESCRIPTORS: Final = 4096
+
+# Longest message carried in a structured error chunk: the spec's string limit.
+MAX_ERROR_MESSAGE_BYTES: Final = p.NBD_MAX_STRING_BYTES
+
+# Metadata contexts we serve, by name, with the id NBD_OPT_SET_META_CONTEXT gives
+# them (ids are per connection; a constant is allowed). Only base:allocation.
+META_CONTEXT_IDS: Final[Mapping[str, int]] = {p.NBD_CONTEXT_BASE_ALLOCATION: 1}
 
 _U64_LIMIT: Final = 1 << 64
 
@@ -89,13 +114,21 @@ class ExportInfo:
 
     @property
     def transmission_flags(self) -> int:
-        """The 16-bit transmission flags advertised for this export."""
+        """The 16-bit transmission flags advertised for this export (before any
+        negotiated extension: see :meth:`NbdServerCodec.transmission_flags`).
+
+        ``NBD_FLAG_CAN_MULTI_CONN`` is always set: a
+        :class:`~replicator.device.BlockDevice`'s flush covers every write
+        completed before it on any connection, and it has no per-connection
+        cache, so a client may spread its requests over several connections.
+        """
         flags = (
             p.NBD_FLAG_HAS_FLAGS
             | p.NBD_FLAG_SEND_FLUSH
             | p.NBD_FLAG_SEND_FUA
             | p.NBD_FLAG_SEND_TRIM
             | p.NBD_FLAG_SEND_WRITE_ZEROES
+            | p.NBD_FLAG_CAN_MULTI_CONN
         )
         if self.read_only:
             flags |= p.NBD_FLAG_READ_ONLY
@@ -140,6 +173,15 @@ class ExportSelected:
 @dataclass(frozen=True, slots=True)
 class HandshakeAborted:
     """The client sent ``NBD_OPT_ABORT``; send the ACK, then close."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """The client sent ``NBD_OPT_STARTTLS`` and the codec acknowledged it: send
+    :meth:`NbdServerCodec.data_to_send` (the ACK) in clear text, then run the
+    server side of the TLS handshake. Every later byte in both directions is TLS
+    application data: feed the codec the decrypted bytes. If the handshake fails,
+    close the connection (the spec allows no way back to clear text)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +242,22 @@ class WriteZeroesRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class BlockStatusRequest:
+    """``NBD_CMD_BLOCK_STATUS`` on a connection with a metadata context selected,
+    checks passed (``length`` is positive and the range lies inside the export).
+
+    Answer with :meth:`NbdServerCodec.encode_block_status_reply`. ``req_one``
+    is ``NBD_CMD_FLAG_REQ_ONE``: the reply then carries exactly one extent.
+    """
+
+    command: ClassVar[int] = p.NBD_CMD_BLOCK_STATUS
+    cookie: int
+    offset: int
+    length: int
+    req_one: bool
+
+
+@dataclass(frozen=True, slots=True)
 class DisconnectRequest:
     """``NBD_CMD_DISC``: finish in-flight requests, then close. No reply."""
 
@@ -218,9 +276,16 @@ class RejectedRequest:
     reason: str
 
 
-DeviceRequest = ReadRequest | WriteRequest | FlushRequest | TrimRequest | WriteZeroesRequest
+DeviceRequest = (
+    ReadRequest
+    | WriteRequest
+    | FlushRequest
+    | TrimRequest
+    | WriteZeroesRequest
+    | BlockStatusRequest
+)
 RequestEvent = DeviceRequest | DisconnectRequest | RejectedRequest
-HandshakeEvent = OptionHandled | ExportSelected | HandshakeAborted
+HandshakeEvent = OptionHandled | ExportSelected | HandshakeAborted | StartTls
 Event = HandshakeEvent | RequestEvent | ClientClosed
 
 
@@ -236,18 +301,24 @@ class Phase(enum.Enum):
 
 # Command flags each supported command accepts. FUA is valid on every command once
 # NBD_FLAG_SEND_FUA is advertised (the spec says the server MUST accept it).
+# NBD_CMD_FLAG_DF on reads is added once structured replies are negotiated (we
+# always answer a read with one data chunk, so "don't fragment" holds anyway).
 _ALLOWED_FLAGS: Final[dict[int, int]] = {
     p.NBD_CMD_READ: p.NBD_CMD_FLAG_FUA,
     p.NBD_CMD_WRITE: p.NBD_CMD_FLAG_FUA,
     p.NBD_CMD_FLUSH: p.NBD_CMD_FLAG_FUA,
     p.NBD_CMD_TRIM: p.NBD_CMD_FLAG_FUA,
     p.NBD_CMD_WRITE_ZEROES: p.NBD_CMD_FLAG_FUA | p.NBD_CMD_FLAG_NO_HOLE,
+    p.NBD_CMD_BLOCK_STATUS: p.NBD_CMD_FLAG_FUA | p.NBD_CMD_FLAG_REQ_ONE,
 }
 _MODIFYING: Final = frozenset({p.NBD_CMD_WRITE, p.NBD_CMD_TRIM, p.NBD_CMD_WRITE_ZEROES})
+# The only options FORCEDTLS accepts before the upgrade (spec, "FORCEDTLS mode").
+_OPTIONS_BEFORE_TLS: Final = frozenset({p.NBD_OPT_STARTTLS, p.NBD_OPT_ABORT})
 # Past-the-end writes answer ENOSPC, past-the-end reads/trims EINVAL (spec, "Error values").
 _PAST_END_ERROR: Final[dict[int, int]] = {
     p.NBD_CMD_READ: p.NBD_EINVAL,
     p.NBD_CMD_TRIM: p.NBD_EINVAL,
+    p.NBD_CMD_BLOCK_STATUS: p.NBD_EINVAL,
     p.NBD_CMD_WRITE: p.NBD_ENOSPC,
     p.NBD_CMD_WRITE_ZEROES: p.NBD_ENOSPC,
 }
@@ -275,6 +346,145 @@ def encode_option_reply(option: int, reply_type: int, data: bytes = b"") -> byte
     return p.OPTION_REPLY_HEADER.pack(p.NBD_OPT_REPLY_MAGIC, option, reply_type, len(data)) + data
 
 
+def _chunk_header(cookie: int, reply_type: int, payload_bytes: int, done: bool) -> bytes:
+    flags = p.NBD_REPLY_FLAG_DONE if done else 0
+    return p.STRUCTURED_REPLY_HEADER.pack(
+        p.NBD_STRUCTURED_REPLY_MAGIC, flags, reply_type, cookie, payload_bytes
+    )
+
+
+def encode_none_chunk(cookie: int) -> bytes:
+    """Encode ``NBD_REPLY_TYPE_NONE``: the final chunk of a successful reply
+    with no payload (it always carries ``NBD_REPLY_FLAG_DONE``)."""
+    return _chunk_header(cookie, p.NBD_REPLY_TYPE_NONE, 0, done=True)
+
+
+def encode_offset_data_chunk(
+    cookie: int, offset: int, data: bytes, *, done: bool = True
+) -> tuple[bytes, bytes]:
+    """Encode ``NBD_REPLY_TYPE_OFFSET_DATA`` for ``data`` read at ``offset``.
+
+    Returns the buffers to send in order: the header with the offset, then
+    ``data`` itself (not copied). Raises ``ValueError`` for empty data (the spec
+    requires at least one byte; answer an empty read with
+    :func:`encode_none_chunk`) or data whose chunk length does not fit 32 bits.
+    """
+    n = len(data)
+    if not 0 < n <= 0xFFFFFFFF - 8:
+        raise ValueError(f"an OFFSET_DATA chunk carries 1 to 2^32-9 bytes, not {n}")
+    header = _chunk_header(cookie, p.NBD_REPLY_TYPE_OFFSET_DATA, 8 + n, done)
+    return header + struct.pack(">Q", offset), data
+
+
+def encode_offset_hole_chunk(
+    cookie: int, offset: int, hole_bytes: int, *, done: bool = True
+) -> bytes:
+    """Encode ``NBD_REPLY_TYPE_OFFSET_HOLE``: ``hole_bytes`` at ``offset`` read
+    as zeros. Raises ``ValueError`` unless ``hole_bytes`` is in ``[1, 2^32)``."""
+    if not 0 < hole_bytes <= 0xFFFFFFFF:
+        raise ValueError(f"a hole chunk covers 1 to 2^32-1 bytes, not {hole_bytes}")
+    header = _chunk_header(cookie, p.NBD_REPLY_TYPE_OFFSET_HOLE, 12, done)
+    return header + struct.pack(">QI", offset, hole_bytes)
+
+
+def _message_bytes(message: str) -> bytes:
+    """``message`` as UTF-8, cut to the spec's string limit on a character boundary."""
+    raw = message.encode("utf-8", errors="replace")
+    if len(raw) <= MAX_ERROR_MESSAGE_BYTES:
+        return raw
+    return raw[:MAX_ERROR_MESSAGE_BYTES].decode("utf-8", errors="ignore").encode("utf-8")
+
+
+def encode_error_chunk(
+    cookie: int, error: int, message: str = "", *, offset: int | None = None, done: bool = True
+) -> bytes:
+    """Encode an error chunk: ``NBD_REPLY_TYPE_ERROR``, or
+    ``NBD_REPLY_TYPE_ERROR_OFFSET`` when ``offset`` (inside the request) is given.
+
+    ``message`` is for a human; it is cut to 4096 bytes. Raises ``ValueError``
+    for ``error == 0`` (an error chunk must carry an error).
+    """
+    if not 0 < error <= 0xFFFFFFFF:
+        raise ValueError(f"an error chunk needs a nonzero 32-bit error, not {error}")
+    raw = _message_bytes(message)
+    payload = p.ERROR_CHUNK_START.pack(error, len(raw)) + raw
+    if offset is None:
+        reply_type = p.NBD_REPLY_TYPE_ERROR
+    else:
+        reply_type = p.NBD_REPLY_TYPE_ERROR_OFFSET
+        payload += struct.pack(">Q", offset)
+    return _chunk_header(cookie, reply_type, len(payload), done) + payload
+
+
+def encode_block_status_chunk(
+    cookie: int, context_id: int, descriptors: list[tuple[int, int]], *, done: bool = True
+) -> bytes:
+    """Encode ``NBD_REPLY_TYPE_BLOCK_STATUS`` for one metadata context.
+
+    ``descriptors`` are ``(length, flags)`` pairs, consecutive from the request's
+    offset. Raises ``ValueError`` if there are none or more than the spec's 2^20,
+    or a length is not in ``[1, 2^32)``, or flags do not fit 32 bits.
+    """
+    if not 0 < len(descriptors) <= p.NBD_MAX_BLOCK_STATUS_DESCRIPTORS:
+        raise ValueError(
+            f"a block status chunk carries 1 to 2^20 descriptors, not {len(descriptors)}"
+        )
+    parts = [struct.pack(">I", context_id)]
+    pack = p.BLOCK_DESCRIPTOR.pack
+    for length, flags in descriptors:
+        if not 0 < length <= 0xFFFFFFFF or not 0 <= flags <= 0xFFFFFFFF:
+            raise ValueError(f"invalid block status descriptor ({length}, {flags})")
+        parts.append(pack(length, flags))
+    payload = b"".join(parts)
+    return _chunk_header(cookie, p.NBD_REPLY_TYPE_BLOCK_STATUS, len(payload), done) + payload
+
+
+def block_status_descriptors(
+    extents: list[tuple[int, int]],
+    length: int,
+    *,
+    req_one: bool = False,
+    max_descriptors: int = MAX_BLOCK_STATUS_DESCRIPTORS,
+) -> list[tuple[int, int]]:
+    """Turn a device's extents into ``base:allocation`` descriptors for a request
+    of ``length`` bytes.
+
+    Extents are ``(length, flags)`` from the request's offset (see
+    :class:`~replicator.device.SupportsBlockStatus`). The result covers a prefix
+    of the request (never beyond it): flags are masked to ``NBD_STATE_HOLE |
+    NBD_STATE_ZERO``, neighbours with equal flags are merged, at most
+    ``max_descriptors`` are kept (exactly one with ``req_one``). Raises
+    ``ValueError`` if ``length`` is not positive or the extents are empty or hold
+    a length that is not positive (a device bug; the shell answers ``NBD_EIO``).
+    """
+    if length <= 0:
+        raise ValueError(f"block status of {length} bytes")
+    if max_descriptors < 1:
+        raise ValueError("max_descriptors must be at least 1")
+    if req_one:
+        max_descriptors = 1
+    out: list[tuple[int, int]] = []
+    covered = 0
+    mask = p.NBD_STATE_HOLE | p.NBD_STATE_ZERO
+    for extent_length, flags in extents:
+        if extent_length <= 0:
+            raise ValueError(f"device reported an extent of {extent_length} bytes")
+        n = min(extent_length, length - covered)
+        flags &= mask
+        if out and out[-1][1] == flags:
+            out[-1] = (out[-1][0] + n, flags)
+        elif len(out) == max_descriptors:
+            break
+        else:
+            out.append((n, flags))
+        covered += n
+        if covered == length:
+            break
+    if not out:
+        raise ValueError("device reported no extents")
+    return out
+
+
 def _quote(name: str) -> str:
     """``repr`` of a client-chosen name, cut so error messages stay short."""
     return repr(name) if len(name) <= 64 else repr(name[:64]) + "..."
@@ -291,6 +501,59 @@ def _decode_name(raw: bytes) -> str | None:
         return None
 
 
+def _parse_meta_context_option(data: bytes) -> tuple[str, list[str]] | str:
+    """Parse the data of NBD_OPT_{LIST,SET}_META_CONTEXT: export name, then
+    queries. Returns ``(name, queries)`` or, if the data is malformed, a string
+    saying what is wrong (the option is then refused with NBD_REP_ERR_INVALID).
+    The loop is bounded by the option's length (every query takes 4+ bytes)."""
+    size = len(data)
+    if size < 8:
+        return "data is too short"
+    (name_len,) = struct.unpack_from(">I", data, 0)
+    if name_len > size - 8:
+        return f"name length {name_len} overruns the option"
+    name = _decode_name(data[4 : 4 + name_len])
+    if name is None:
+        return "export name invalid"
+    pos = 4 + name_len
+    (count,) = struct.unpack_from(">I", data, pos)
+    pos += 4
+    if count > (size - pos) // 4:
+        return f"{count} queries do not fit in the option"
+    queries = []
+    for _ in range(count):
+        if size - pos < 4:
+            return "query length overruns the option"
+        (query_len,) = struct.unpack_from(">I", data, pos)
+        pos += 4
+        if query_len > size - pos:
+            return f"query length {query_len} overruns the option"
+        query = _decode_name(data[pos : pos + query_len])
+        pos += query_len
+        if query is None:
+            return "query is not a valid string"
+        namespace, colon, _leaf = query.partition(":")
+        if not colon or not namespace:
+            return f"query {_quote(query)} does not start with a namespace and a colon"
+        queries.append(query)
+    if pos != size:
+        return f"{size - pos} bytes after the last query"
+    return name, queries
+
+
+def _match_meta_query(query: str, *, listing: bool) -> list[str]:
+    """Context names a well-formed query selects. Only the ``base`` namespace is
+    ours; queries in other namespaces match nothing (the spec: ignore them).
+    ``base:`` alone is a wildcard when listing and selects nothing when setting;
+    an unknown leaf name is ignored."""
+    namespace, _colon, leaf = query.partition(":")
+    if namespace != p.NBD_META_NS_BASE:
+        return []
+    if not leaf:
+        return list(META_CONTEXT_IDS) if listing else []
+    return [query] if query in META_CONTEXT_IDS else []
+
+
 class NbdServerCodec:
     """Server side of one NBD connection, from greeting to disconnect.
 
@@ -302,7 +565,11 @@ class NbdServerCodec:
     ``exports`` is the catalogue offered (an empty name from the client selects
     ``default_export``); ``max_payload_bytes`` bounds READ/WRITE payloads and is
     advertised; ``max_option_bytes`` and ``max_options`` bound option haggling
-    (see the module constants).
+    (see the module constants). With ``tls`` the connection runs in the spec's
+    FORCEDTLS mode: nothing but ``NBD_OPT_STARTTLS`` and ``NBD_OPT_ABORT`` is
+    accepted before the client upgrades (the shell must then handle
+    :class:`StartTls`); without it ``NBD_OPT_STARTTLS`` is refused with
+    ``NBD_REP_ERR_POLICY``.
 
     Guarantees: events are emitted only for complete, validated frames; the codec
     buffers at most one frame (option data up to ``max_option_bytes``, or one WRITE
@@ -322,6 +589,7 @@ class NbdServerCodec:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         max_option_bytes: int = MAX_OPTION_BYTES,
         max_options: int = MAX_OPTIONS_PER_HANDSHAKE,
+        tls: bool = False,
     ) -> None:
         if default_export is not None and default_export not in exports:
             raise ValueError(f"default export {default_export!r} is not one of the exports")
@@ -361,7 +629,16 @@ class NbdServerCodec:
         self._options_seen = 0
         self._export_name: str | None = None
         self._export: ExportInfo | None = None
-        self._structured_replies = False  # negotiated by NBD_OPT_STRUCTURED_REPLY (later)
+        # FORCEDTLS: offered at all, and upgraded on this connection yet.
+        self._tls_offered = tls
+        self._tls_active = False
+        self._structured_replies = False  # negotiated by NBD_OPT_STRUCTURED_REPLY
+        # The last NBD_OPT_SET_META_CONTEXT: the canonical export it named and the
+        # context ids it selected. It applies only if the same export is entered.
+        self._meta_export: str | None = None
+        self._meta_ids: tuple[int, ...] = ()
+        # Context ids in force during transmission (empty: BLOCK_STATUS refused).
+        self._active_ids: tuple[int, ...] = ()
 
         # A WRITE whose header was parsed but whose payload is still arriving.
         # _pending is (cookie, offset, length, flags, rejection-or-None).
@@ -369,12 +646,17 @@ class NbdServerCodec:
         self._payload_chunks: list[bytes] = []
         self._payload_remaining = 0
 
-        self._option_handlers: dict[int, Callable[[int, bytes], Event | None]] = {
+        # Every option we answer; anything else gets NBD_REP_ERR_UNSUP.
+        self._option_handlers: dict[int, Callable[[int, bytes], Event]] = {
             p.NBD_OPT_EXPORT_NAME: self._opt_export_name,
             p.NBD_OPT_ABORT: self._opt_abort,
             p.NBD_OPT_LIST: self._opt_list,
+            p.NBD_OPT_STARTTLS: self._opt_starttls,
             p.NBD_OPT_INFO: self._opt_info_or_go,
             p.NBD_OPT_GO: self._opt_info_or_go,
+            p.NBD_OPT_STRUCTURED_REPLY: self._opt_structured_reply,
+            p.NBD_OPT_LIST_META_CONTEXT: self._opt_meta_context,
+            p.NBD_OPT_SET_META_CONTEXT: self._opt_meta_context,
         }
 
     # --- public state ----------------------------------------------------------
@@ -398,6 +680,33 @@ class NbdServerCodec:
     def max_payload_bytes(self) -> int:
         """Largest READ/WRITE payload accepted (advertised in NBD_INFO_BLOCK_SIZE)."""
         return self._max_payload_bytes
+
+    @property
+    def tls_active(self) -> bool:
+        """True once ``NBD_OPT_STARTTLS`` was acknowledged on this connection."""
+        return self._tls_active
+
+    @property
+    def structured_replies(self) -> bool:
+        """True once ``NBD_OPT_STRUCTURED_REPLY`` was acknowledged (and not reset
+        by a later ``NBD_OPT_STARTTLS``)."""
+        return self._structured_replies
+
+    @property
+    def meta_contexts(self) -> tuple[int, ...]:
+        """Metadata context ids in force for ``NBD_CMD_BLOCK_STATUS`` (empty until
+        transmission starts on the export the last ``NBD_OPT_SET_META_CONTEXT``
+        named)."""
+        return self._active_ids
+
+    def transmission_flags(self, export: ExportInfo) -> int:
+        """The transmission flags sent for ``export`` on this connection: the
+        export's own, plus ``NBD_FLAG_SEND_DF`` once structured replies are
+        negotiated (the spec forbids it before)."""
+        flags = export.transmission_flags
+        if self._structured_replies:
+            flags |= p.NBD_FLAG_SEND_DF
+        return flags
 
     # --- I/O-facing API ----------------------------------------------------------
 
@@ -461,20 +770,67 @@ class NbdServerCodec:
             raise
 
     def encode_reply(
-        self, request: RequestEvent, error: int = p.NBD_SUCCESS, data: bytes | None = None
+        self,
+        request: RequestEvent,
+        error: int = p.NBD_SUCCESS,
+        data: bytes | None = None,
+        message: str = "",
     ) -> tuple[bytes, ...]:
-        """Return the buffers (header, then data for a successful READ) that answer
-        ``request``; send them in order with no other bytes in between.
+        """Return the buffers that answer ``request``; send them in order with no
+        other bytes in between.
+
+        Simple replies (header, then data for a successful READ) unless structured
+        replies were negotiated; then a successful READ is one
+        ``NBD_REPLY_TYPE_OFFSET_DATA`` chunk (header, data), an error is one
+        ``NBD_REPLY_TYPE_ERROR`` chunk carrying ``message`` (by default a
+        :class:`RejectedRequest`'s reason), anything else ``NBD_REPLY_TYPE_NONE``;
+        every chunk has ``NBD_REPLY_FLAG_DONE``.
 
         The caller guarantees a successful READ's ``data`` is exactly the requested
-        length. Raises ``ValueError`` for a reply to ``NBD_CMD_DISC`` (it has none).
+        length. Raises ``ValueError`` for a reply to ``NBD_CMD_DISC`` (it has none)
+        and for a successful :class:`BlockStatusRequest` (use
+        :meth:`encode_block_status_reply`).
         """
-        if request.command == p.NBD_CMD_DISC:
+        command = request.command
+        if command == p.NBD_CMD_DISC:
             raise ValueError("NBD_CMD_DISC has no reply")
-        header = p.SIMPLE_REPLY_HEADER.pack(p.NBD_SIMPLE_REPLY_MAGIC, error, request.cookie)
-        if error or data is None:
-            return (header,)
-        return (header, data)
+        if not error and isinstance(request, BlockStatusRequest):
+            raise ValueError("a successful block status reply needs encode_block_status_reply")
+        cookie = request.cookie
+        if not self._structured_replies:
+            header = p.SIMPLE_REPLY_HEADER.pack(p.NBD_SIMPLE_REPLY_MAGIC, error, cookie)
+            if error or data is None:
+                return (header,)
+            return (header, data)
+        if error:
+            if not message and isinstance(request, RejectedRequest):
+                message = request.reason
+            return (encode_error_chunk(cookie, error, message),)
+        if data and isinstance(request, ReadRequest):
+            return encode_offset_data_chunk(cookie, request.offset, data)
+        return (encode_none_chunk(cookie),)
+
+    def encode_block_status_reply(
+        self, request: BlockStatusRequest, extents: list[tuple[int, int]]
+    ) -> tuple[bytes, ...]:
+        """Return the structured reply to a successful ``NBD_CMD_BLOCK_STATUS``:
+        one ``NBD_REPLY_TYPE_BLOCK_STATUS`` chunk per selected context (the last
+        with ``NBD_REPLY_FLAG_DONE``), built from the device's ``extents`` by
+        :func:`block_status_descriptors` (a prefix of the request, at most
+        :data:`MAX_BLOCK_STATUS_DESCRIPTORS`, one with ``NBD_CMD_FLAG_REQ_ONE``).
+
+        Raises ``ValueError`` if the extents are invalid (see
+        :func:`block_status_descriptors`).
+        """
+        descriptors = block_status_descriptors(extents, request.length, req_one=request.req_one)
+        ids = self._active_ids
+        assert ids, "BlockStatusRequest is only emitted with a context selected"
+        return tuple(
+            encode_block_status_chunk(
+                request.cookie, context_id, descriptors, done=i == len(ids) - 1
+            )
+            for i, context_id in enumerate(ids)
+        )
 
     # --- internals -----------------------------------------------------------------
 
@@ -561,6 +917,8 @@ class NbdServerCodec:
             raise ProtocolError(f"client sent more than {self._max_options} options")
         del buf[:_OPT_HEADER_SIZE]
         data = self._take(length)
+        if self._tls_offered and not self._tls_active and option not in _OPTIONS_BEFORE_TLS:
+            return self._opt_before_tls(option, data)
         handler = self._option_handlers.get(option, self._opt_unsupported)
         return handler(option, data)
 
@@ -587,6 +945,98 @@ class NbdServerCodec:
             option, p.NBD_REP_ERR_UNSUP, f"{_option_name(option)} is not supported by this server"
         )
 
+    def _opt_before_tls(self, option: int, data: bytes) -> Event:
+        """FORCEDTLS: any option but STARTTLS/ABORT before the upgrade."""
+        if option == p.NBD_OPT_EXPORT_NAME:
+            # It cannot be refused, so the spec says terminate the session.
+            raise ProtocolError(
+                "NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS on an export that requires TLS"
+            )
+        return self._error_reply(
+            option,
+            p.NBD_REP_ERR_TLS_REQD,
+            f"this server requires TLS: send NBD_OPT_STARTTLS before {_option_name(option)}",
+        )
+
+    def _opt_starttls(self, option: int, data: bytes) -> Event:
+        if not self._tls_offered:
+            return self._error_reply(
+                option, p.NBD_REP_ERR_POLICY, "TLS is not enabled on this export (export.tls)"
+            )
+        if data:
+            return self._error_reply(
+                option, p.NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data"
+            )
+        if self._tls_active:
+            return self._error_reply(option, p.NBD_REP_ERR_INVALID, "TLS is already active")
+        if self._buf:
+            # The client must wait for our ACK before its TLS handshake; bytes
+            # already here are neither NBD options nor ours to hand to TLS.
+            raise ProtocolError(
+                f"client sent {len(self._buf)} bytes after NBD_OPT_STARTTLS before the reply"
+            )
+        # The spec: nothing negotiated before STARTTLS survives it. In FORCEDTLS
+        # nothing else was accepted before, so there is nothing to drop.
+        assert not self._structured_replies and self._meta_export is None
+        self._reply(option, p.NBD_REP_ACK)
+        self._tls_active = True
+        return StartTls()
+
+    def _opt_structured_reply(self, option: int, data: bytes) -> Event:
+        if data:
+            return self._error_reply(
+                option, p.NBD_REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data"
+            )
+        if self._structured_replies:
+            return self._error_reply(
+                option, p.NBD_REP_ERR_INVALID, "structured replies are already negotiated"
+            )
+        self._structured_replies = True
+        self._reply(option, p.NBD_REP_ACK)
+        return OptionHandled(option, p.NBD_REP_ACK)
+
+    def _opt_meta_context(self, option: int, data: bytes) -> Event:
+        """NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT (same format)."""
+        setting = option == p.NBD_OPT_SET_META_CONTEXT
+        if setting:
+            # The spec: SET replaces the selection even when it fails.
+            self._meta_export = None
+            self._meta_ids = ()
+        what = _option_name(option)
+        if not self._structured_replies:
+            return self._error_reply(
+                option, p.NBD_REP_ERR_INVALID, f"{what} needs NBD_OPT_STRUCTURED_REPLY first"
+            )
+        parsed = _parse_meta_context_option(data)
+        if isinstance(parsed, str):
+            return self._error_reply(option, p.NBD_REP_ERR_INVALID, f"{what}: {parsed}")
+        name, queries = parsed
+        found = self._resolve(name)
+        if found is None:
+            return self._error_reply(
+                option, p.NBD_REP_ERR_UNKNOWN, f"export {_quote(name)} does not exist"
+            )
+        canonical = found[0]
+        if queries:
+            selected: dict[str, None] = {}  # ordered, without duplicates
+            for query in queries:
+                selected.update(dict.fromkeys(_match_meta_query(query, listing=not setting)))
+            names = list(selected)
+        else:
+            # No query: LIST returns everything, SET selects nothing.
+            names = [] if setting else list(META_CONTEXT_IDS)
+        for context in names:
+            # LIST replies carry id 0 (the spec reserves it there).
+            context_id = META_CONTEXT_IDS[context] if setting else 0
+            self._reply(
+                option, p.NBD_REP_META_CONTEXT, struct.pack(">I", context_id) + context.encode()
+            )
+        if setting:
+            self._meta_export = canonical
+            self._meta_ids = tuple(META_CONTEXT_IDS[c] for c in names)
+        self._reply(option, p.NBD_REP_ACK)
+        return OptionHandled(option, p.NBD_REP_ACK)
+
     def _opt_export_name(self, option: int, data: bytes) -> Event:
         name = _decode_name(data)
         if name is None:
@@ -596,7 +1046,7 @@ class NbdServerCodec:
             # The spec leaves no way to refuse NBD_OPT_EXPORT_NAME but to close.
             raise ProtocolError(f"NBD_OPT_EXPORT_NAME asked for unknown export {_quote(name)}")
         canonical, export = found
-        self._out += p.EXPORT_NAME_REPLY.pack(export.size_bytes, export.transmission_flags)
+        self._out += p.EXPORT_NAME_REPLY.pack(export.size_bytes, self.transmission_flags(export))
         if not self._no_zeroes:
             self._out += bytes(p.NBD_EXPORT_NAME_ZEROES)
         return self._enter_transmission(canonical, export)
@@ -645,7 +1095,9 @@ class NbdServerCodec:
         self._reply(
             option,
             p.NBD_REP_INFO,
-            p.INFO_EXPORT.pack(p.NBD_INFO_EXPORT, export.size_bytes, export.transmission_flags),
+            p.INFO_EXPORT.pack(
+                p.NBD_INFO_EXPORT, export.size_bytes, self.transmission_flags(export)
+            ),
         )
         self._reply(
             option,
@@ -672,6 +1124,8 @@ class NbdServerCodec:
         self._phase = Phase.TRANSMISSION
         self._export_name = name
         self._export = export
+        # Contexts count only if the last SET_META_CONTEXT named this export.
+        self._active_ids = self._meta_ids if self._meta_export == name else ()
         return ExportSelected(name, export)
 
     # transmission ---------------------------------------------------------------
@@ -725,6 +1179,8 @@ class NbdServerCodec:
             return ReadRequest(cookie, offset, length)
         if command == p.NBD_CMD_FLUSH:
             return FlushRequest(cookie)
+        if command == p.NBD_CMD_BLOCK_STATUS:
+            return BlockStatusRequest(cookie, offset, length, bool(flags & p.NBD_CMD_FLAG_REQ_ONE))
         fua = bool(flags & p.NBD_CMD_FLAG_FUA)
         if command == p.NBD_CMD_TRIM:
             return TrimRequest(cookie, offset, length, fua)
@@ -749,12 +1205,22 @@ class NbdServerCodec:
         allowed = _ALLOWED_FLAGS.get(command)
         if allowed is None:
             return p.NBD_EINVAL, f"{_command_name(command)} is not supported"
+        if command == p.NBD_CMD_READ and self._structured_replies:
+            allowed |= p.NBD_CMD_FLAG_DF
         if flags & ~allowed:
             return p.NBD_EINVAL, (
                 f"command flags 0x{flags:04x} are not valid for {_command_name(command)}"
             )
         export = self._export
         assert export is not None
+        if command == p.NBD_CMD_BLOCK_STATUS:
+            if not self._active_ids:
+                return p.NBD_EINVAL, (
+                    "NBD_CMD_BLOCK_STATUS without a metadata context selected for this "
+                    "export (NBD_OPT_SET_META_CONTEXT)"
+                )
+            if length == 0:
+                return p.NBD_EINVAL, "NBD_CMD_BLOCK_STATUS of 0 bytes"
         if export.read_only and command in _MODIFYING:
             return p.NBD_EPERM, (
                 f"{_command_name(command)} on read-only export {self._export_name!r}"

@@ -17,7 +17,7 @@ IHAVEOPT: Final = 0x49484156454F5054  # "IHAVEOPT", newstyle magic and option ma
 NBD_OPT_REPLY_MAGIC: Final = 0x3E889045565A9  # option-haggling replies
 NBD_REQUEST_MAGIC: Final = 0x25609513  # transmission requests
 NBD_SIMPLE_REPLY_MAGIC: Final = 0x67446698  # simple replies
-NBD_STRUCTURED_REPLY_MAGIC: Final = 0x668E33EF  # structured reply chunks (not negotiated yet)
+NBD_STRUCTURED_REPLY_MAGIC: Final = 0x668E33EF  # structured reply chunks
 
 # --- Handshake flags (server, 16 bits) ---------------------------------------
 
@@ -148,6 +148,40 @@ NBD_CMD_FLAG_REQ_ONE: Final = 1 << 3
 NBD_CMD_FLAG_FAST_ZERO: Final = 1 << 4
 NBD_CMD_FLAG_PAYLOAD_LEN: Final = 1 << 5
 
+# --- Structured replies (transmission, after NBD_OPT_STRUCTURED_REPLY) ---------
+
+# Structured reply flags (16 bits).
+NBD_REPLY_FLAG_DONE: Final = 1 << 0
+
+# Structured reply types (16 bits). Every error chunk type has bit 15 set.
+NBD_REPLY_TYPE_NONE: Final = 0
+NBD_REPLY_TYPE_OFFSET_DATA: Final = 1
+NBD_REPLY_TYPE_OFFSET_HOLE: Final = 2
+NBD_REPLY_TYPE_BLOCK_STATUS: Final = 5
+NBD_REPLY_TYPE_BLOCK_STATUS_EXT: Final = 6  # experimental EXTENDED_HEADERS only
+NBD_REPLY_TYPE_ERROR_BIT: Final = 1 << 15
+NBD_REPLY_TYPE_ERROR: Final = NBD_REPLY_TYPE_ERROR_BIT | 1
+NBD_REPLY_TYPE_ERROR_OFFSET: Final = NBD_REPLY_TYPE_ERROR_BIT | 2
+
+REPLY_TYPE_NAMES: Final[dict[int, str]] = {
+    NBD_REPLY_TYPE_NONE: "NBD_REPLY_TYPE_NONE",
+    NBD_REPLY_TYPE_OFFSET_DATA: "NBD_REPLY_TYPE_OFFSET_DATA",
+    NBD_REPLY_TYPE_OFFSET_HOLE: "NBD_REPLY_TYPE_OFFSET_HOLE",
+    NBD_REPLY_TYPE_BLOCK_STATUS: "NBD_REPLY_TYPE_BLOCK_STATUS",
+    NBD_REPLY_TYPE_BLOCK_STATUS_EXT: "NBD_REPLY_TYPE_BLOCK_STATUS_EXT",
+    NBD_REPLY_TYPE_ERROR: "NBD_REPLY_TYPE_ERROR",
+    NBD_REPLY_TYPE_ERROR_OFFSET: "NBD_REPLY_TYPE_ERROR_OFFSET",
+}
+
+# --- Metadata contexts -----------------------------------------------------------
+
+# The one context the spec defines, and its namespace.
+NBD_META_NS_BASE: Final = "base"
+NBD_CONTEXT_BASE_ALLOCATION: Final = "base:allocation"
+# base:allocation status flags (32 bits per descriptor).
+NBD_STATE_HOLE: Final = 1 << 0
+NBD_STATE_ZERO: Final = 1 << 1
+
 # --- Error values (the reply's error field) ----------------------------------
 
 NBD_SUCCESS: Final = 0
@@ -183,6 +217,8 @@ NBD_DEFAULT_MAX_PAYLOAD_BYTES: Final = 1 << 25
 NBD_MAX_MINIMUM_BLOCK_BYTES: Final = 1 << 16
 # Reserved zero bytes after NBD_OPT_EXPORT_NAME's reply unless NO_ZEROES was negotiated.
 NBD_EXPORT_NAME_ZEROES: Final = 124
+# Servers SHOULD NOT send more block status descriptors than this in one chunk.
+NBD_MAX_BLOCK_STATUS_DESCRIPTORS: Final = 1 << 20
 
 # --- Fixed frame layouts (network byte order) ---------------------------------
 
@@ -204,3 +240,9 @@ INFO_BLOCK_SIZE: Final = struct.Struct(">HIII")
 REQUEST_HEADER: Final = struct.Struct(">IHHQQI")
 # Simple reply header: magic, error, cookie.
 SIMPLE_REPLY_HEADER: Final = struct.Struct(">IIQ")
+# Structured reply chunk header: magic, flags, type, cookie, payload length.
+STRUCTURED_REPLY_HEADER: Final = struct.Struct(">IHHQI")
+# Start of an error chunk's payload: error, message length (the message follows).
+ERROR_CHUNK_START: Final = struct.Struct(">IH")
+# One NBD_REPLY_TYPE_BLOCK_STATUS descriptor: extent length, status flags.
+BLOCK_DESCRIPTOR: Final = struct.Struct(">II")

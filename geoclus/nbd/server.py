@@ -13,16 +13,26 @@ connection through the codec, then serves requests against the chosen
   ready together, header and data as separate iovecs (no concatenation copy);
 * device exceptions become NBD errors (:func:`nbd_error_for`), never a crash;
 * ``NBD_CMD_DISC``, end of stream or a protocol error stop the reader; in-flight
-  requests still finish and are answered before the connection closes.
+  requests still finish and are answered before the connection closes;
+* ``NBD_CMD_BLOCK_STATUS`` asks the device's optional ``block_status``
+  (:class:`~replicator.device.SupportsBlockStatus`); a device without it is
+  reported as allocated data everywhere;
+* with ``tls_context`` every connection must upgrade with ``NBD_OPT_STARTTLS``
+  first (the spec's FORCEDTLS mode): after the acknowledgement the socket is
+  wrapped in TLS (:class:`~geoclus.tlsstream.TlsSocketStream`, server side) and
+  haggling goes on inside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import socket
+import ssl
 import stat
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -40,6 +50,7 @@ from geoclus.nbd import proto as p
 from geoclus.nbd.codec import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     NEED_DATA,
+    BlockStatusRequest,
     ClientClosed,
     DeviceRequest,
     DisconnectRequest,
@@ -50,10 +61,12 @@ from geoclus.nbd.codec import (
     NbdServerCodec,
     ReadRequest,
     RejectedRequest,
+    StartTls,
     TrimRequest,
     WriteRequest,
     WriteZeroesRequest,
 )
+from geoclus.tlsstream import TlsSocketStream
 from replicator.device import BlockDevice
 
 log = logging.getLogger("geoclus.nbd")
@@ -83,6 +96,9 @@ MAX_SEND_BUFFERS: Final = 512
 MAX_TRACEBACKS_PER_CONNECTION: Final = 8
 # Pending connections the kernel queues on the Unix listener.
 UNIX_LISTEN_BACKLOG: Final = 128
+# Over TLS, reply buffers smaller than this are joined before sending (one TLS
+# record instead of one per header); larger ones are sent as they are, not copied.
+TLS_COALESCE_BYTES: Final = 64 * 1024
 
 _MODIFYING: Final = frozenset({p.NBD_CMD_WRITE, p.NBD_CMD_WRITE_ZEROES})
 
@@ -108,6 +124,8 @@ class NbdStatistics:
     requests_failed: int
     bytes_read: int
     bytes_written: int
+    tls_sessions: int
+    tls_failures: int
 
 
 def nbd_error_for(exc: Exception, command: int, *, past_end: bool) -> int:
@@ -167,6 +185,72 @@ async def _send_buffers(sock: trio.socket.SocketType, buffers: list[bytes | memo
             buffers[0] = memoryview(buffers[0])[sent:]
 
 
+class _PlainTransport:
+    """The connection's own socket: ``recv`` and gathered ``sendmsg``."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self._sock = sock
+
+    async def receive(self, max_bytes: int) -> bytes:
+        return await self._sock.recv(max_bytes)
+
+    async def send(self, buffers: list[bytes | memoryview]) -> None:
+        await _send_buffers(self._sock, buffers)
+
+    async def aclose(self) -> None:
+        """Nothing to do: the listener's stream owns and closes the socket."""
+        await trio.lowlevel.checkpoint()
+
+
+class _TlsTransport:
+    """The connection after ``NBD_OPT_STARTTLS``: a TLS stream over its socket."""
+
+    def __init__(self, tls: TlsSocketStream) -> None:
+        self.tls = tls
+
+    async def receive(self, max_bytes: int) -> bytes:
+        return await self.tls.receive_some(max_bytes)
+
+    async def send(self, buffers: list[bytes | memoryview]) -> None:
+        small = bytearray()
+        for buf in buffers:
+            if len(buf) < TLS_COALESCE_BYTES:
+                small += buf
+                continue
+            if small:
+                await self.tls.send_all(small)
+                small = bytearray()
+            await self.tls.send_all(buf)
+        if small:
+            await self.tls.send_all(small)
+
+    async def aclose(self) -> None:
+        """Close the TLS session (send close_notify, as the spec asks before the
+        connection closes; best effort, never waits for the peer), then the socket."""
+        # SSLWantReadError: ours was sent and the peer's has not come; fine.
+        with contextlib.suppress(ssl.SSLError, OSError, ValueError):
+            self.tls.ssl_object.unwrap()
+        await self.tls.aclose()
+
+
+_Transport = _PlainTransport | _TlsTransport
+# What a closed or failed transport raises (plain sockets: OSError; TLS: trio's).
+_TRANSPORT_ERRORS: Final = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+def _wrap_server_side(stream: trio.SocketStream, context: ssl.SSLContext) -> TlsSocketStream:
+    """Take the socket out of ``stream`` (TCP or Unix) into a server-side TLS
+    stream whose handshake has not run yet; the caller owns it from here."""
+    sock = socket.socket(fileno=stream.socket.detach())
+    sock.setblocking(False)
+    try:
+        sslsock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    except BaseException:
+        sock.close()
+        raise
+    return TlsSocketStream(sslsock)
+
+
 class _InFlightBudget:
     """Per-connection admission control on requests and bytes in flight."""
 
@@ -209,8 +293,11 @@ class NbdServer:
     ``default_export``. It listens on ``unix_path`` (a socket file created mode
     0600; a stale one is replaced, a live one or a non-socket file is refused) and/or
     TCP ``tcp_host:tcp_port`` (``tcp_host`` None means loopback only; port 0 picks
-    a free port). Other parameters are the limits described by the module
-    constants of the same name.
+    a free port). With ``tls_context`` (a server-side context, e.g.
+    :func:`geoclus.ca.server_ssl_context` for mutual TLS with the cluster CA)
+    every connection on every listener must upgrade with ``NBD_OPT_STARTTLS``
+    before any other option. Other parameters are the limits described by the
+    module constants of the same name.
 
     The constructor raises ``ConfigError`` for an invalid configuration (no
     listener, unknown default export, export that cannot be advertised).
@@ -230,6 +317,7 @@ class NbdServer:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
         receive_bytes: int = DEFAULT_RECEIVE_BYTES,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         if unix_path is None and tcp_port is None:
             raise ConfigError("<nbd>", "listen", "give unix_path and/or tcp_port")
@@ -249,6 +337,8 @@ class NbdServer:
                 raise ConfigError("<nbd>", key, f"must be at least 1, not {value}")
         if handshake_timeout_s <= 0:
             raise ConfigError("<nbd>", "handshake_timeout_s", "must be positive")
+        if tls_context is not None and tls_context.protocol == ssl.PROTOCOL_TLS_CLIENT:
+            raise ConfigError("<nbd>", "tls_context", "needs a server-side SSL context")
         infos = {}
         for name, device in exports.items():
             _check_export_name(name)
@@ -270,6 +360,7 @@ class NbdServer:
         self.max_connections = max_connections
         self.handshake_timeout_s = handshake_timeout_s
         self.receive_bytes = receive_bytes
+        self.tls_context = tls_context
 
         self._next_connection_id = 0
         self._accepted = 0
@@ -280,6 +371,8 @@ class NbdServer:
         self._failed = 0
         self._bytes_read = 0
         self._bytes_written = 0
+        self._tls_sessions = 0
+        self._tls_failures = 0
 
     def statistics(self) -> NbdStatistics:
         """A snapshot of the server's counters. Never raises."""
@@ -292,6 +385,8 @@ class NbdServer:
             requests_failed=self._failed,
             bytes_read=self._bytes_read,
             bytes_written=self._bytes_written,
+            tls_sessions=self._tls_sessions,
+            tls_failures=self._tls_failures,
         )
 
     async def serve(
@@ -340,15 +435,17 @@ class NbdServer:
             await stream.aclose()
             return
         self._active += 1
+        connection = _Connection(self, stream, name)
         try:
-            await _Connection(self, stream, name).run()
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            await connection.run()
+        except _TRANSPORT_ERRORS as exc:
             log.debug("%s: connection lost: %s", name, exc)
         except Exception:
             log.exception("%s: unexpected error; closing this connection", name)
         finally:
             self._active -= 1
             with trio.CancelScope(shield=True):
+                await connection.transport.aclose()
                 await stream.aclose()
 
 
@@ -358,7 +455,7 @@ class _Connection:
     def __init__(self, server: NbdServer, stream: trio.SocketStream, name: str) -> None:
         self._server = server
         self._stream = stream
-        self._sock = stream.socket
+        self.transport: _Transport = _PlainTransport(stream.socket)
         self._name = name
         self._tracebacks = 0
         self._send_failed = False
@@ -371,6 +468,7 @@ class _Connection:
             infos,
             default_export=server._default_export,
             max_payload_bytes=server.max_payload_bytes,
+            tls=server.tls_context is not None,
         )
         try:
             selected: ExportSelected | None = None
@@ -395,20 +493,45 @@ class _Connection:
         log.warning("%s: protocol error: %s; closing this connection", self._name, exc.reason)
 
     async def _handshake(self, codec: NbdServerCodec) -> ExportSelected | None:
-        await _send_buffers(self._sock, [codec.data_to_send()])
+        await self.transport.send([codec.data_to_send()])
         receive_bytes = self._server.receive_bytes
         while True:
             event = codec.next_event()
             if event is NEED_DATA:
-                codec.receive_data(await self._sock.recv(receive_bytes))
+                codec.receive_data(await self.transport.receive(receive_bytes))
                 continue
             out = codec.data_to_send()
             if out:
-                await _send_buffers(self._sock, [out])
+                await self.transport.send([out])
             if isinstance(event, ExportSelected):
                 return event
             if isinstance(event, HandshakeAborted | ClientClosed):
                 return None
+            if isinstance(event, StartTls) and not await self._upgrade():
+                return None
+
+    async def _upgrade(self) -> bool:
+        """Run the TLS handshake after STARTTLS was acknowledged; False (and the
+        connection should close) if it failed."""
+        context = self._server.tls_context
+        assert context is not None, "the codec offers STARTTLS only with a context"
+        tls = _wrap_server_side(self._stream, context)
+        try:
+            await tls.do_handshake()
+        except trio.BrokenResourceError as exc:
+            # Counted and logged before the close the client will see.
+            self._server._tls_failures += 1
+            cause = exc.__cause__ or exc
+            log.warning("%s: TLS handshake failed: %s; closing", self._name, cause)
+            await trio.aclose_forcefully(tls)
+            return False
+        except BaseException:
+            await trio.aclose_forcefully(tls)
+            raise
+        self.transport = _TlsTransport(tls)
+        self._server._tls_sessions += 1
+        log.debug("%s: TLS established (%s)", self._name, tls.ssl_object.version())
+        return True
 
     async def _transmission(self, codec: NbdServerCodec, device: BlockDevice) -> None:
         server = self._server
@@ -430,7 +553,7 @@ class _Connection:
         reply_send: trio.MemorySendChannel[_Reply],
         budget: _InFlightBudget,
     ) -> None:
-        sock = self._sock
+        transport = self.transport
         receive_bytes = self._server.receive_bytes
         try:
             while True:
@@ -438,8 +561,8 @@ class _Connection:
                 kind = type(event)
                 if event is NEED_DATA:
                     try:
-                        data = await sock.recv(receive_bytes)
-                    except OSError as exc:
+                        data = await transport.receive(receive_bytes)
+                    except _TRANSPORT_ERRORS as exc:
                         log.debug("%s: receive failed: %s", self._name, exc)
                         return
                     codec.receive_data(data)
@@ -460,7 +583,9 @@ class _Connection:
                 elif kind is DisconnectRequest or kind is ClientClosed:
                     return
                 else:
-                    assert isinstance(event, FlushRequest | TrimRequest | WriteZeroesRequest)
+                    assert isinstance(
+                        event, FlushRequest | TrimRequest | WriteZeroesRequest | BlockStatusRequest
+                    )
                     cost = await budget.acquire(0)
                     requests.start_soon(self._run_request, codec, device, event, cost, reply_send)
         except ProtocolError as exc:
@@ -475,6 +600,7 @@ class _Connection:
         reply_send: trio.MemorySendChannel[_Reply],
     ) -> None:
         server = self._server
+        message = ""
         try:
             kind = type(request)
             if kind is ReadRequest:
@@ -498,6 +624,17 @@ class _Connection:
                 assert isinstance(request, TrimRequest)
                 await device.trim(request.offset, request.length, request.fua)
                 buffers = codec.encode_reply(request)
+            elif kind is BlockStatusRequest:
+                assert isinstance(request, BlockStatusRequest)
+                probe: Callable[[int, int], Awaitable[list[tuple[int, int]]]] | None
+                probe = getattr(device, "block_status", None)
+                if probe is None:
+                    # No allocation information: all data, contents unknown.
+                    await trio.lowlevel.checkpoint()
+                    extents = [(request.length, 0)]
+                else:
+                    extents = await probe(request.offset, request.length)
+                buffers = codec.encode_block_status_reply(request, extents)
             else:
                 assert isinstance(request, WriteZeroesRequest)
                 await device.write_zeroes(request.offset, request.length, request.fua)
@@ -506,7 +643,11 @@ class _Connection:
         except Exception as exc:
             error = self._error_for(exc, request, device)
             server._failed += 1
-            buffers = codec.encode_reply(request, error)
+            if isinstance(exc, IOAlignmentError | NotPrimaryError):
+                # Written for the client (misuse, or "write through the primary");
+                # other errors may name server paths and go to the log only.
+                message = str(exc)
+            buffers = codec.encode_reply(request, error, message=message)
         reply_send.send_nowait(_Reply(buffers, cost))
 
     def _error_for(self, exc: Exception, request: DeviceRequest, device: BlockDevice) -> int:
@@ -542,7 +683,7 @@ class _Connection:
     async def _writer(
         self, reply_recv: trio.MemoryReceiveChannel[_Reply], budget: _InFlightBudget
     ) -> None:
-        sock = self._sock
+        transport = self.transport
         async with reply_recv:
             async for first in reply_recv:
                 batch = [first]
@@ -557,8 +698,8 @@ class _Connection:
                 if not self._send_failed:
                     buffers: list[bytes | memoryview] = [b for r in batch for b in r.buffers]
                     try:
-                        await _send_buffers(sock, buffers)
-                    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        await transport.send(buffers)
+                    except _TRANSPORT_ERRORS as exc:
                         # The client is gone: stop reading, let in-flight requests
                         # finish, drop their replies.
                         log.debug("%s: send failed: %s", self._name, exc)
@@ -632,6 +773,7 @@ async def serve_nbd(
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
+    tls_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[NbdAddresses] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``exports`` over NBD until cancelled (see :class:`NbdServer`).
@@ -651,6 +793,7 @@ async def serve_nbd(
         max_payload_bytes=max_payload_bytes,
         max_connections=max_connections,
         handshake_timeout_s=handshake_timeout_s,
+        tls_context=tls_context,
     )
     await server.serve(task_status=task_status)
 
