@@ -99,6 +99,9 @@ log = logging.getLogger("geoclus.volume")
 # The longest single operation sequenced: NBD's largest write; longer trims and
 # zeroings are split (the activity log bounds the extents one operation spans).
 _MAX_OP_BYTES = 16 * 1024 * 1024
+# Test-only fault ``secondary-out-of-order``: writes held back, applied later
+# in a random order.
+_FAULT_BUFFER_WRITES = 256
 # How much the receive loop asks the kernel for at once.
 _RECEIVE_BYTES = 256 * 1024
 # Batches queued between the secondary's receiver and applier: with frames of
@@ -339,6 +342,7 @@ class ReplicatedVolume:
             fault_ignore_overlaps="primary-ignore-overlaps" in spec.faults
         )
         self._fault_out_of_order = "secondary-out-of-order" in spec.faults
+        self._fault_buffer: list[WriteEntry] = []
         self._local_done_events: dict[int, trio.Event] = {}
         self._completion_events: dict[int, trio.Event] = {}
         # Sizes the resync's in-flight window from measured application write
@@ -1530,25 +1534,22 @@ class ReplicatedVolume:
         assert core is not None
         interval = self.spec.timers.secondary_sync_interval_s
         last_sync = trio.current_time()
-        held: _ApplyItem | None = None
         while True:
             item: _ApplyItem | None = None
-            if held is not None:
-                item, held = held, None
-            else:
-                with trio.move_on_after(interval):
-                    try:
-                        item = await queue.receive()
-                    except trio.EndOfChannel:
-                        return
-            if isinstance(item, tuple) and self._fault_out_of_order:
-                item, held = await self._fault_unordered_window(item, queue)
+            with trio.move_on_after(interval):
+                try:
+                    item = await queue.receive()
+                except trio.EndOfChannel:
+                    return
             if isinstance(item, tuple):
                 ordered, last_seq = item
                 # Shielded: applied_seq must match what is in the store.
                 with trio.CancelScope(shield=True):
                     await self._undo_save(ordered)
-                    await self._apply_batch(ordered)
+                    if self._fault_out_of_order:
+                        await self._fault_apply_unordered(ordered)
+                    else:
+                        await self._apply_batch(ordered)
                     core.applied(last_seq)
                     if self._replay_until is not None and core.applied_seq >= self._replay_until:
                         self._replaying = False
@@ -1584,32 +1585,20 @@ class ReplicatedVolume:
                 await ch.send(differs)  # ahead of the ACK that covers them
             await ch.send(core.ack())
 
-    async def _fault_unordered_window(
-        self,
-        first: tuple[tuple[WriteEntry, ...], int],
-        queue: trio.MemoryReceiveChannel[_ApplyItem],
-    ) -> tuple[tuple[tuple[WriteEntry, ...], int], _ApplyItem | None]:
+    async def _fault_apply_unordered(self, entries: tuple[WriteEntry, ...]) -> None:
         """Test-only (``secondary-out-of-order``): a replicator that does not
-        keep write order. The writes received over 100 ms are applied one by
-        one in a random order, and a link loss stops that midway: some later
-        writes land while earlier ones do not. Returns the window as one batch
-        (applied again in order afterwards, so a completed window ends as
-        usual) and the first non-batch item that arrived. Never in production."""
-        entries, last_seq = list(first[0]), first[1]
-        other: _ApplyItem | None = None
-        with trio.move_on_after(0.1):
-            while True:
-                nxt = await queue.receive()
-                if not isinstance(nxt, tuple):
-                    other = nxt
-                    break
-                entries += nxt[0]
-                last_seq = nxt[1]
-        shuffled = list(entries)
-        secrets.SystemRandom().shuffle(shuffled)
-        for e in shuffled:
+        keep write order. Received writes join a buffer, and a random half of
+        the buffer is applied now, the rest later (at most
+        ``_FAULT_BUFFER_WRITES`` wait): at any moment some later writes have
+        landed while earlier ones have not. Never in production."""
+        rng = secrets.SystemRandom()
+        buf = self._fault_buffer
+        buf.extend(entries)
+        rng.shuffle(buf)
+        keep = min(len(buf) // 2, _FAULT_BUFFER_WRITES)
+        now, self._fault_buffer = buf[keep:], buf[:keep]
+        for e in now:
             await self._apply_batch((e,))
-        return (tuple(entries), last_seq), other
 
     async def _apply_batch(self, entries: tuple[WriteEntry, ...]) -> None:
         core = self.secondary
