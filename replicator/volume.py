@@ -1449,8 +1449,6 @@ class ReplicatedVolume:
         except UndoFull as exc:
             # Past its bound the log cannot restore the image any more: drop
             # it; the copy is inconsistent (it already says so) until the end.
-            self._undo_active = False
-            await self.store.run_blocking(undo.discard)
             log.warning(
                 "volume %s: %s; this copy is inconsistent until the resync ends",
                 self.spec.name,
@@ -1461,6 +1459,8 @@ class ReplicatedVolume:
                 f"undo log full ({exc}): this copy is inconsistent until the resync completes; "
                 "raise volume.undo_max_bytes to keep it promotable",
             )
+            self._undo_active = False
+            await self.store.run_blocking(undo.discard)
 
     async def _rollback_undo(self) -> int:
         """Restore the pre-resync image of a cut-off resync target."""
