@@ -44,8 +44,10 @@ demo: $(STAMP) $(DEBSTAMP)
 	$(VENV)/bin/geoclus demo
 
 bench: $(STAMP) $(DEBSTAMP)
+	$(VPY) -m pip install -q -e '.[test,bench]'
 	$(VPY) -m bench.replication
 	$(VPY) -m bench.resync
+	$(VPY) -m bench.nbd --plots bench/plots
 
 # Crash-consistency campaign (root, /dev/fuse, loop devices; about 10 minutes).
 crash: $(STAMP) $(DEBSTAMP)

@@ -778,10 +778,13 @@ class ReplicatedVolume:
                 raise GeoclusError(f"volume {self.spec.name} is shutting down; write refused")
             await self._wait_changed()
         seq = core.submit(kind, offset, length, data, fua, start, held=self.al is not None)
-        if not core.peer.connected or core.outdated:
+        if (not core.peer.connected or core.outdated) and (
+            self.gens.bitmap_base is None or self.gens.current.id == self._shared_gen
+        ):
             # Our data history leaves the peer's with this write: a new
             # generation (written ahead of the data by the barrier), or a
             # forced promotion of the peer would not roll it back later.
+            # (Only then: drawing an id costs more than the write's bookkeeping.)
             before = self.gens
             self.gens = on_write_unreplicated(
                 self.gens,
