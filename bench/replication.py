@@ -339,8 +339,12 @@ async def run_reference(res: ConfigResult, workdir: str, s: Settings) -> None:
     _sparse_file(store, s.size_bytes)
     log = os.open(os.path.join(workdir, "nbdkit.log"), os.O_CREAT | os.O_WRONLY, 0o644)
     try:
+        # No --exit-with-parent: that is PR_SET_PDEATHSIG, which fires when
+        # the *thread* that started nbdkit exits, and trio starts processes
+        # from worker threads that end when idle (nbdkit died mid-run). The
+        # finally below stops it.
         proc = await trio.lowlevel.open_process(
-            ["nbdkit", "--foreground", "--exit-with-parent", "--unix", sock, "file", store],
+            ["nbdkit", "--foreground", "--unix", sock, "file", store],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
