@@ -142,8 +142,9 @@ async def test_cut_off_resync_target_is_outdated_and_promotion_restores_its_imag
     await b.close(drain=False)
 
 
-async def test_crash_mid_resync_keeps_the_undo_log_and_the_resync_completes(tmp_path) -> None:
-    a, b, before = await _cut_mid_resync(tmp_path)
+async def _resync_then_cut(a: ReplicatedVolume, b: ReplicatedVolume) -> None:
+    """Let the resync from ``a`` land a few regions on ``b`` (its undo log
+    holding their old content), then cut the link and wait until both see it."""
     async with trio.open_nursery() as n:
         link = GatedLink(n, b, limit=5 * REGION)
         n.start_soon(a.run_primary_link, link.connect, "b")
@@ -154,6 +155,11 @@ async def test_crash_mid_resync_keeps_the_undo_log_and_the_resync_completes(tmp_
         await link.cut()
         await wait_for(lambda: b.connected_peer is None and a.connected_peer is None)
         n.cancel_scope.cancel()
+
+
+async def test_crash_mid_resync_keeps_the_undo_log_and_the_resync_completes(tmp_path) -> None:
+    a, b, before = await _cut_mid_resync(tmp_path)
+    await _resync_then_cut(a, b)
     # The secondary "crashes": its files are closed without a clean record.
     for f in (b.meta, b.store, b.bitmap_file, b.genfile, b.undo):
         assert f is not None
@@ -177,16 +183,7 @@ async def test_crash_mid_resync_keeps_the_undo_log_and_the_resync_completes(tmp_
 
 async def test_cut_off_target_reopened_as_primary_is_rolled_back_at_open(tmp_path) -> None:
     a, b, before = await _cut_mid_resync(tmp_path)
-    async with trio.open_nursery() as n:
-        link = GatedLink(n, b, limit=5 * REGION)
-        n.start_soon(a.run_primary_link, link.connect, "b")
-        await wait_for(lambda: bool(link.gates))
-        with trio.fail_after(10):
-            await link.gates[0].reached.wait()
-        await wait_for(lambda: b.undo is not None and b.undo.used_bytes > 0)
-        await link.cut()
-        await wait_for(lambda: b.connected_peer is None)
-        n.cancel_scope.cancel()
+    await _resync_then_cut(a, b)
     await b.close(drain=False)
     b2 = await ReplicatedVolume.open(replace(b.spec, role=Role.PRIMARY))
     assert read_file(b.spec.store_path, 0, SIZE) == before
