@@ -55,7 +55,7 @@ def volume() -> None:
 )
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def serve(config_path: str, verbose: bool) -> None:
-    """Run this site's copy of the volume until SIGTERM/SIGINT."""
+    """Run this site's copies of the configured volumes until SIGTERM/SIGINT."""
     import trio
 
     from geoclus.config import load_config
@@ -66,10 +66,26 @@ def serve(config_path: str, verbose: bool) -> None:
     trio.run(Daemon(cfg).run)
 
 
-def _control_path(config_path: str) -> str:
+def _volume_option(f: Any) -> Any:
+    return click.option(
+        "--volume",
+        "volume_name",
+        default=None,
+        metavar="NAME",
+        help="The volume, when the daemon serves several (its [[volume]] name).",
+    )(f)
+
+
+def _target(config_path: str, volume_name: str | None) -> tuple[str, dict[str, Any]]:
+    """The control socket of ``config_path`` and the request fields naming the
+    volume; a name the config does not hold is refused before anything is sent."""
     from geoclus.config import load_config
 
-    return load_config(config_path).control_socket
+    cfg = load_config(config_path)
+    if volume_name is None:
+        return cfg.control_socket, {}
+    cfg.volume(volume_name)
+    return cfg.control_socket, {"volume": volume_name}
 
 
 def _ms(value: float | None) -> str:
@@ -186,7 +202,10 @@ def _fmt_verify(v: dict[str, Any], width: int = 30) -> str:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the final result as JSON.")
 @click.option("--no-wait", is_flag=True, help="Start the verify and return at once.")
-def verify(config_path: str, resync: bool, as_json: bool, no_wait: bool) -> None:
+@_volume_option
+def verify(
+    config_path: str, resync: bool, as_json: bool, no_wait: bool, volume_name: str | None
+) -> None:
     """Compare every region of the primary with its peer, online.
 
     Run it on the primary. Each region's digest is compared by the peer at the
@@ -199,8 +218,8 @@ def verify(config_path: str, resync: bool, as_json: bool, no_wait: bool) -> None
 
     from geoclus.control import request
 
-    path = _control_path(config_path)
-    answer = request(path, "verify", resync=resync)
+    path, which = _target(config_path, volume_name)
+    answer = request(path, "verify", resync=resync, **which)
     v = answer["verify"]
     if no_wait:
         text = json.dumps(v, sort_keys=True) if as_json else "verify started: " + _fmt_verify(v)
@@ -211,7 +230,7 @@ def verify(config_path: str, resync: bool, as_json: bool, no_wait: bool) -> None
         if tty:
             click.echo("\r" + _fmt_verify(v), nl=False, err=True)
         time.sleep(0.5)
-        v = request(path, "status")["status"].get("verify") or {"state": "none"}
+        v = request(path, "status", **which)["status"].get("verify") or {"state": "none"}
     if tty:
         click.echo("", err=True)
     if as_json:
@@ -221,7 +240,11 @@ def verify(config_path: str, resync: bool, as_json: bool, no_wait: bool) -> None
         for off in v.get("differ_offsets") or []:
             click.echo(f"  differs: offset {off}")
         if v.get("differ_regions") and not v.get("resync"):
-            click.echo("repair with: geoclus volume verify --resync --config " + config_path)
+            click.echo(
+                "repair with: geoclus volume verify --resync --config "
+                + config_path
+                + (f" --volume {volume_name}" if volume_name else "")
+            )
     if v.get("state") != "done":
         sys.exit(1)
     if v.get("differ_regions") and not v.get("resync"):
@@ -232,19 +255,24 @@ def verify(config_path: str, resync: bool, as_json: bool, no_wait: bool) -> None
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--watch", is_flag=True, help="Refresh every half second until interrupted.")
-def status(config_path: str, as_json: bool, watch: bool) -> None:
+@_volume_option
+def status(config_path: str, as_json: bool, watch: bool, volume_name: str | None) -> None:
     """Show role, mode, connection, lag, dirty bytes, write latency and resync progress."""
     import time
 
     from geoclus.control import request
 
-    path = _control_path(config_path)
+    path, which = _target(config_path, volume_name)
     while True:
-        answer = request(path, "status")
+        answer = request(path, "status", **which)
+        # One volume (named, or the daemon's only one): its object, as always;
+        # a daemon with several and none named: every volume.
+        every = [answer["status"]] if "status" in answer else answer["volumes"]
         if as_json:
-            click.echo(json.dumps(answer["status"], indent=None if watch else 2, sort_keys=True))
+            doc = answer.get("status", {"volumes": every})
+            click.echo(json.dumps(doc, indent=None if watch else 2, sort_keys=True))
         else:
-            text = _fmt_status(answer["status"])
+            text = "\n\n".join(_fmt_status(s) for s in every)
             if watch and sys.stdout.isatty():
                 click.echo("\033[H\033[J" + text)
             else:
@@ -256,7 +284,8 @@ def status(config_path: str, as_json: bool, watch: bool) -> None:
 
 @volume.command("allow-degraded")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
-def allow_degraded(config_path: str) -> None:
+@_volume_option
+def allow_degraded(config_path: str, volume_name: str | None) -> None:
     """Let a suspended sync primary complete writes without its peer.
 
     The peer is then behind; the writes are shipped when it returns, or tracked
@@ -264,7 +293,8 @@ def allow_degraded(config_path: str) -> None:
     """
     from geoclus.control import request
 
-    answer = request(_control_path(config_path), "allow-degraded")
+    path, which = _target(config_path, volume_name)
+    answer = request(path, "allow-degraded", **which)
     click.echo(f"degraded running allowed; {answer['released_writes']} blocked writes released")
 
 
@@ -277,7 +307,8 @@ def allow_degraded(config_path: str) -> None:
     help="Roll this copy back to its peer at the next connect (split brain).",
 )
 @click.option("--keep-local", "choice", flag_value="keep", help="Withdraw --discard-local.")
-def resolve(config_path: str, choice: str | None) -> None:
+@_volume_option
+def resolve(config_path: str, choice: str | None, volume_name: str | None) -> None:
     """Resolve a split brain: choose the copy whose own changes are thrown away.
 
     Run it on the copy to roll back (it must be secondary). At the next connect
@@ -287,7 +318,8 @@ def resolve(config_path: str, choice: str | None) -> None:
 
     if choice is None:
         raise click.UsageError("say --discard-local or --keep-local")
-    answer = request(_control_path(config_path), "resolve", discard_local=choice == "discard")
+    path, which = _target(config_path, volume_name)
+    answer = request(path, "resolve", discard_local=choice == "discard", **which)
     if answer["discard"]:
         click.echo("this copy will be rolled back to its peer at the next connect")
     else:
@@ -298,17 +330,18 @@ def resolve(config_path: str, choice: str | None) -> None:
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--follow", is_flag=True, help="Keep printing new events until interrupted.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
-def events(config_path: str, follow: bool, as_json: bool) -> None:
+@_volume_option
+def events(config_path: str, follow: bool, as_json: bool, volume_name: str | None) -> None:
     """Show the volume's state changes (connects, decisions, resyncs, ...)."""
     import datetime
     import time
 
     from geoclus.control import request
 
-    path = _control_path(config_path)
+    path, which = _target(config_path, volume_name)
     since = 0
     while True:
-        answer = request(path, "events", since=since)
+        answer = request(path, "events", since=since, **which)
         if answer["missed"]:
             click.echo(f"({answer['missed']} older events no longer kept)", err=True)
         for e in answer["events"]:
@@ -330,7 +363,8 @@ def events(config_path: str, follow: bool, as_json: bool) -> None:
 @click.option(
     "--force", is_flag=True, help="Promote although the primary did not hand over (it is gone)."
 )
-def promote(config_path: str, force: bool) -> None:
+@_volume_option
+def promote(config_path: str, force: bool, volume_name: str | None) -> None:
     """Make this secondary the primary.
 
     Without --force only after the primary demoted itself with this copy in
@@ -340,7 +374,8 @@ def promote(config_path: str, force: bool) -> None:
     """
     from geoclus.control import request
 
-    r = request(_control_path(config_path), "promote", force=force, timeout_s=60.0)
+    path, which = _target(config_path, volume_name)
+    r = request(path, "promote", force=force, timeout_s=60.0, **which)
     if r.get("forced"):
         missing = r["known_missing_writes"]
         count = "an unknown number of" if missing is None else f"at least {missing}"
@@ -363,11 +398,13 @@ def promote(config_path: str, force: bool) -> None:
 
 @volume.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
-def demote(config_path: str) -> None:
+@_volume_option
+def demote(config_path: str, volume_name: str | None) -> None:
     """Make this primary a secondary (drains the peer first, bounded)."""
     from geoclus.control import request
 
-    r = request(_control_path(config_path), "demote", timeout_s=120.0)
+    path, which = _target(config_path, volume_name)
+    r = request(path, "demote", timeout_s=120.0, **which)
     click.echo(
         f"demoted: now secondary at write {r['last_seq']}; peer drained: {r['peer_drained']}"
     )
@@ -388,13 +425,16 @@ def demote(config_path: str) -> None:
     type=click.Path(dir_okay=False),
     help="The secondary that becomes primary.",
 )
-def switchover(config_path: str, to_config: str) -> None:
+@_volume_option
+def switchover(config_path: str, to_config: str, volume_name: str | None) -> None:
     """Planned role swap with no data loss and no resync: drain and demote the
     primary, then promote the secondary (refused if the drain did not finish)."""
     from geoclus.control import request
 
+    path, which = _target(config_path, volume_name)
+    to_path, to_which = _target(to_config, volume_name)
     click.echo("demoting the primary (draining writes to the peer) ...")
-    r = request(_control_path(config_path), "demote", timeout_s=120.0)
+    r = request(path, "demote", timeout_s=120.0, **which)
     if not r["peer_drained"]:
         raise click.ClickException(
             "the primary could not drain to its peer (disconnected or too slow); it is now "
@@ -402,7 +442,7 @@ def switchover(config_path: str, to_config: str) -> None:
             "other with --force accepting the loss"
         )
     click.echo(f"demoted at write {r['last_seq']}; promoting the new primary ...")
-    p = request(_control_path(to_config), "promote", force=False, timeout_s=60.0)
+    p = request(to_path, "promote", force=False, timeout_s=60.0, **to_which)
     click.echo(
         f"switchover done: new primary at write {p['applied_seq']}, generation "
         f"{p['generation']} (unchanged: no resync)"
@@ -412,10 +452,10 @@ def switchover(config_path: str, to_config: str) -> None:
 @volume.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 def stop(config_path: str) -> None:
-    """Ask the daemon to shut down cleanly (same as SIGTERM)."""
+    """Ask the daemon to shut down cleanly (same as SIGTERM), every volume it serves."""
     from geoclus.control import request
 
-    request(_control_path(config_path), "shutdown")
+    request(_target(config_path, None)[0], "shutdown")
     click.echo("shutdown requested")
 
 

@@ -1,4 +1,5 @@
-"""Configuration of one site's copy of a volume (``geoclus volume serve --config``).
+"""Configuration of one site's daemon and the volumes it serves
+(``geoclus volume serve --config``).
 
 The TOML file is parsed once into frozen dataclasses. Every problem raises
 :class:`~geoclus.errors.ConfigError` naming the file, the dotted key and what
@@ -27,6 +28,34 @@ Example::
 
     [control]
     socket = "db-a.ctl"
+
+A daemon may serve several volumes: write ``[[volume]]`` (an array of tables)
+instead of ``[volume]``, and give each volume its own replication ``listen``
+and ``peer`` (each volume has its own replication port, as each DRBD resource
+does). The NBD server exports every volume under its name on the one
+``[export] nbd`` socket, and the control socket takes a volume name
+(``geoclus volume status --config FILE --volume NAME``)::
+
+    [[volume]]
+    name = "db"
+    size = "256MiB"
+    store = "db-a.img"
+    mode = "sync"
+    role = "primary"
+    listen = "127.0.0.1:7790"
+    peer = "127.0.0.1:7791"
+
+    [[volume]]
+    name = "logs"
+    size = "64MiB"
+    store = "logs-a.img"
+    mode = "async"
+    role = "primary"
+    listen = "127.0.0.1:7792"
+    peer = "127.0.0.1:7793"
+
+``[replication]`` then holds what the volumes share (``tls``, the timers,
+``max_batch_bytes``, the resync settings) and no ``listen``/``peer``.
 """
 
 from __future__ import annotations
@@ -73,7 +102,8 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """Where the NBD export listens: a Unix socket and/or TCP.
+    """Where the NBD server listens: a Unix socket and/or TCP. Every volume of
+    the daemon is an export of this server, under its own export name.
 
     ``tls``, if set, makes every NBD connection upgrade with ``NBD_OPT_STARTTLS``
     before anything else and present a client certificate issued by the
@@ -82,7 +112,6 @@ class ExportConfig:
 
     unix_path: str | None
     tcp: Endpoint | None
-    name: str
     tls: TlsConfig | None = None
 
     @property
@@ -93,16 +122,54 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
-class DaemonConfig:
-    """Everything ``geoclus volume serve`` needs."""
+class VolumeConfig:
+    """One volume of the daemon: its spec, where its replication link listens,
+    the peer it dials when primary, and its NBD export name."""
 
-    path: str
     spec: VolumeSpec
     listen: Endpoint
     peer: Endpoint | None
+    export_name: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Everything ``geoclus volume serve`` needs: one or more volumes (names,
+    ids, stores, listen ports and export names all distinct), the replication
+    TLS they share, the NBD server and the control socket."""
+
+    path: str
+    volumes: tuple[VolumeConfig, ...]
     tls: TlsConfig | None
     export: ExportConfig
     control_socket: str
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(v.name for v in self.volumes)
+
+    def volume(self, name: str | None = None) -> VolumeConfig:
+        """The volume called ``name``; with ``None``, the daemon's only volume.
+        Raises ConfigError naming the choices otherwise."""
+        if name is None:
+            if len(self.volumes) == 1:
+                return self.volumes[0]
+            raise ConfigError(
+                self.path,
+                "volume",
+                f"this daemon serves {len(self.volumes)} volumes "
+                f"({', '.join(self.names)}): name one with --volume",
+            )
+        for v in self.volumes:
+            if v.name == name:
+                return v
+        raise ConfigError(
+            self.path, "volume", f"no volume {name!r} here (volumes: {', '.join(self.names)})"
+        )
 
 
 _ALLOWED = {
@@ -125,6 +192,8 @@ _ALLOWED = {
         "undo_max_bytes",
         "activity_log_extents",
         "activity_log_extent_size",
+        "listen",
+        "peer",
     },
     "node": {"name"},
     "replication": {
@@ -313,91 +382,84 @@ def load_config(path: str) -> DaemonConfig:
     return parse_config(data, path)
 
 
-def parse_config(data: dict[str, Any], path: str = "<memory>") -> DaemonConfig:
-    """Validate an already-parsed TOML document (see :func:`load_config`)."""
-    r = _Reader(path, data)
-    unknown = set(data) - set(_ALLOWED)
-    if unknown:
-        raise r.fail(sorted(unknown)[0], f"unknown table (allowed: {', '.join(sorted(_ALLOWED))})")
-    vol = r.table("volume")
-    node_t = r.table("node", required=False)
-    rep = r.table("replication")
-    exp = r.table("export")
-    ctl = r.table("control")
+def _volume_tables(r: _Reader) -> list[tuple[str, dict[str, Any]]]:
+    """``[volume]`` as one (``"volume"``, table), or ``[[volume]]`` as
+    (``"volume[i]"``, table) for each entry, unknown keys refused."""
+    value = r.data.get("volume")
+    if value is None:
+        raise r.fail("volume", "missing table [volume] (or [[volume]] tables for several)")
+    if isinstance(value, dict):
+        return [("volume", r.table("volume"))]
+    if not isinstance(value, list) or not value or not all(isinstance(v, dict) for v in value):
+        raise r.fail("volume", "must be a table [volume] or one or more [[volume]] tables")
+    tables = []
+    for i, table in enumerate(value):
+        tname = f"volume[{i}]"
+        unknown = set(table) - _ALLOWED["volume"]
+        if unknown:
+            raise r.fail(
+                f"{tname}.{sorted(unknown)[0]}",
+                f"unknown key (allowed: {', '.join(sorted(_ALLOWED['volume']))})",
+            )
+        tables.append((tname, table))
+    return tables
 
-    name = r.get(vol, "volume", "name", str)
-    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
-        raise r.fail("volume.name", f"{name!r} must be 1-64 letters, digits, '-', '_' or '.'")
-    id_text = r.get(vol, "volume", "id", str, None)
-    if id_text is None:
-        volume_id = uuid.uuid5(VOLUME_NAMESPACE, name).bytes
-    else:
-        try:
-            volume_id = uuid.UUID(id_text).bytes
-        except ValueError:
-            raise r.fail("volume.id", f"{id_text!r} is not a UUID") from None
-    block_size = r.get(vol, "volume", "block_size", int, 512)
-    if block_size < 512 or block_size > 65536 or block_size & (block_size - 1):
-        raise r.fail("volume.block_size", f"{block_size} must be a power of two in 512..65536")
-    size = r.size(vol, "volume", "size")
-    if size <= 0 or size % block_size:
-        raise r.fail("volume.size", f"{size} bytes must be a positive multiple of {block_size}")
-    store = r.path_of(vol, "volume", "store")
-    meta = r.path_of(vol, "volume", "meta", None) or store + ".meta"
-    bitmap_path = r.path_of(vol, "volume", "bitmap", None) or store + ".bitmap"
-    mode = Mode.SYNC if r.choice(vol, "volume", "mode", ("sync", "async")) == "sync" else Mode.ASYNC
-    role = (
-        Role.PRIMARY
-        if r.choice(vol, "volume", "role", ("primary", "secondary")) == "primary"
-        else Role.SECONDARY
-    )
-    region = r.size(vol, "volume", "region_size", 64 * 1024)
-    if region < block_size or region & (region - 1):
+
+def _replication_tls(r: _Reader, rep: dict[str, Any]) -> TlsConfig | None:
+    tls_value = rep.get("tls")
+    if tls_value is None:
         raise r.fail(
-            "volume.region_size", f"{region} must be a power of two no smaller than the block size"
+            "replication.tls",
+            "missing: give a table {ca, cert, key} for mutual TLS, or false to run "
+            "plain TCP on purpose",
         )
-    max_lag = r.size(vol, "volume", "max_lag_bytes", "256MiB")
-    max_inflight = r.size(vol, "volume", "max_in_flight_bytes", "32MiB")
+    if tls_value is False:
+        return None
+    if not isinstance(tls_value, dict):
+        raise r.fail("replication.tls", "must be a table {ca, cert, key} or false")
+    unknown = set(tls_value) - {"ca", "cert", "key", "peer_node"}
+    if unknown:
+        raise r.fail(
+            f"replication.tls.{sorted(unknown)[0]}",
+            "unknown key (allowed: ca, cert, key, peer_node)",
+        )
+    files = {}
+    for key in ("ca", "cert", "key"):
+        p = r.path_of(tls_value, "replication.tls", key)
+        if not os.path.isfile(p):
+            raise r.fail(
+                f"replication.tls.{key}",
+                f"{p} does not exist (create it with `geoclus ca init` / `geoclus ca issue NODE`)",
+            )
+        files[key] = p
+    return TlsConfig(
+        files["ca"],
+        files["cert"],
+        files["key"],
+        r.get(tls_value, "replication.tls", "peer_node", str, None),
+    )
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """What every volume of the daemon takes from [node] and [replication]."""
+
+    node: str
+    timers: LinkTimers
+    max_batch: int
+    flush_interval_s: float
+    resync_checksum: bool
+    max_rate: int | None
+
+
+def _shared(r: _Reader, rep: dict[str, Any], node_t: dict[str, Any]) -> _Shared:
     max_batch = r.size(rep, "replication", "max_batch_bytes", "4MiB")
-    for key, value, low in (
-        ("volume.max_lag_bytes", max_lag, 1024 * 1024),
-        ("volume.max_in_flight_bytes", max_inflight, 64 * 1024),
-        ("replication.max_batch_bytes", max_batch, 64 * 1024),
-    ):
-        if value < low:
-            raise r.fail(key, f"{value} bytes is below the minimum of {low}")
+    if max_batch < 64 * 1024:
+        raise r.fail(
+            "replication.max_batch_bytes", f"{max_batch} bytes is below the minimum of 65536"
+        )
     if max_batch > 16 * 1024 * 1024:
         raise r.fail("replication.max_batch_bytes", "must be at most 16MiB (the frame limit)")
-    policy = ReplicationPolicy(
-        mode=mode,
-        on_peer_loss=r.choice(vol, "volume", "on_peer_loss", ("suspend", "continue"), "suspend"),  # type: ignore[arg-type]
-        on_congestion=r.choice(vol, "volume", "on_congestion", ("block", "pull-ahead"), "block"),  # type: ignore[arg-type]
-        max_lag_bytes=max_lag,
-        max_in_flight_bytes=max_inflight,
-        max_batch_bytes=max_batch,
-        region_bytes=region,
-        peer_flush_interval_s=r.seconds(rep, "replication", "peer_flush_interval_s", 1.0),
-        resync_checksum=r.get(rep, "replication", "resync_checksum", bool, True),
-    )
-    # The undo log of a resync target (docs/format.md): "auto" holds the whole
-    # volume, so the copy stays promotable through any resync; 0 disables it.
-    undo_text = vol.get("undo_max_bytes", "auto")
-    undo_max: int | None = None
-    if undo_text != "auto":
-        undo_max = r.size(vol, "volume", "undo_max_bytes")
-        if 0 < undo_max < 1024 * 1024:
-            raise r.fail(
-                "volume.undo_max_bytes", f"{undo_max} bytes: use 0 (off), auto, or at least 1MiB"
-            )
-    al_extents = r.get(vol, "volume", "activity_log_extents", int, 1024)
-    if not 16 <= al_extents <= 65536:
-        raise r.fail("volume.activity_log_extents", f"{al_extents} must be in 16..65536")
-    al_extent = r.size(vol, "volume", "activity_log_extent_size", "4MiB")
-    if al_extent < region or al_extent & (al_extent - 1):
-        raise r.fail(
-            "volume.activity_log_extent_size",
-            f"{al_extent} must be a power of two no smaller than region_size ({region})",
-        )
     rate_text = rep.get("resync_max_rate")
     max_rate = None
     if rate_text is not None:
@@ -423,47 +485,197 @@ def parse_config(data: dict[str, Any], path: str = "<memory>") -> DaemonConfig:
     node = r.get(node_t, "node", "name", str, None) or socket.gethostname()
     if len(node.encode()) > 255:
         raise r.fail("node.name", "must be at most 255 bytes (it is sent in HELLO)")
+    return _Shared(
+        node=node,
+        timers=timers,
+        max_batch=max_batch,
+        flush_interval_s=r.seconds(rep, "replication", "peer_flush_interval_s", 1.0),
+        resync_checksum=r.get(rep, "replication", "resync_checksum", bool, True),
+        max_rate=max_rate,
+    )
 
-    listen = r.endpoint(r.get(rep, "replication", "listen", str), "replication.listen")
-    peer_text = r.get(rep, "replication", "peer", str, None)
-    peer = None if peer_text is None else r.endpoint(peer_text, "replication.peer")
-    if role == Role.PRIMARY and peer is None:
-        raise r.fail("replication.peer", "missing: a primary must know its secondary's address")
-    tls_value = rep.get("tls")
-    if tls_value is None:
-        raise r.fail(
-            "replication.tls",
-            "missing: give a table {ca, cert, key} for mutual TLS, or false to run "
-            "plain TCP on purpose",
-        )
-    tls: TlsConfig | None
-    if tls_value is False:
-        tls = None
-    elif isinstance(tls_value, dict):
-        unknown = set(tls_value) - {"ca", "cert", "key", "peer_node"}
-        if unknown:
-            raise r.fail(
-                f"replication.tls.{sorted(unknown)[0]}",
-                "unknown key (allowed: ca, cert, key, peer_node)",
-            )
-        files = {}
-        for key in ("ca", "cert", "key"):
-            p = r.path_of(tls_value, "replication.tls", key)
-            if not os.path.isfile(p):
-                raise r.fail(
-                    f"replication.tls.{key}",
-                    f"{p} does not exist (create it with `geoclus ca init` / "
-                    "`geoclus ca issue NODE`)",
-                )
-            files[key] = p
-        tls = TlsConfig(
-            files["ca"],
-            files["cert"],
-            files["key"],
-            r.get(tls_value, "replication.tls", "peer_node", str, None),
-        )
+
+def _volume(
+    r: _Reader,
+    tname: str,
+    vol: dict[str, Any],
+    rep: dict[str, Any],
+    shared: _Shared,
+    export_name: Any,
+) -> VolumeConfig:
+    """One volume table; ``listen``/``peer`` come from it or, in the
+    single-volume form, from [replication]."""
+    name = r.get(vol, tname, "name", str)
+    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
+        raise r.fail(f"{tname}.name", f"{name!r} must be 1-64 letters, digits, '-', '_' or '.'")
+    id_text = r.get(vol, tname, "id", str, None)
+    if id_text is None:
+        volume_id = uuid.uuid5(VOLUME_NAMESPACE, name).bytes
     else:
-        raise r.fail("replication.tls", "must be a table {ca, cert, key} or false")
+        try:
+            volume_id = uuid.UUID(id_text).bytes
+        except ValueError:
+            raise r.fail(f"{tname}.id", f"{id_text!r} is not a UUID") from None
+    block_size = r.get(vol, tname, "block_size", int, 512)
+    if block_size < 512 or block_size > 65536 or block_size & (block_size - 1):
+        raise r.fail(f"{tname}.block_size", f"{block_size} must be a power of two in 512..65536")
+    size = r.size(vol, tname, "size")
+    if size <= 0 or size % block_size:
+        raise r.fail(f"{tname}.size", f"{size} bytes must be a positive multiple of {block_size}")
+    store = r.path_of(vol, tname, "store")
+    meta = r.path_of(vol, tname, "meta", None) or store + ".meta"
+    bitmap_path = r.path_of(vol, tname, "bitmap", None) or store + ".bitmap"
+    mode = Mode.SYNC if r.choice(vol, tname, "mode", ("sync", "async")) == "sync" else Mode.ASYNC
+    role = (
+        Role.PRIMARY
+        if r.choice(vol, tname, "role", ("primary", "secondary")) == "primary"
+        else Role.SECONDARY
+    )
+    region = r.size(vol, tname, "region_size", 64 * 1024)
+    if region < block_size or region & (region - 1):
+        raise r.fail(
+            f"{tname}.region_size",
+            f"{region} must be a power of two no smaller than the block size",
+        )
+    max_lag = r.size(vol, tname, "max_lag_bytes", "256MiB")
+    max_inflight = r.size(vol, tname, "max_in_flight_bytes", "32MiB")
+    for key, value, low in (
+        (f"{tname}.max_lag_bytes", max_lag, 1024 * 1024),
+        (f"{tname}.max_in_flight_bytes", max_inflight, 64 * 1024),
+    ):
+        if value < low:
+            raise r.fail(key, f"{value} bytes is below the minimum of {low}")
+    policy = ReplicationPolicy(
+        mode=mode,
+        on_peer_loss=r.choice(vol, tname, "on_peer_loss", ("suspend", "continue"), "suspend"),  # type: ignore[arg-type]
+        on_congestion=r.choice(vol, tname, "on_congestion", ("block", "pull-ahead"), "block"),  # type: ignore[arg-type]
+        max_lag_bytes=max_lag,
+        max_in_flight_bytes=max_inflight,
+        max_batch_bytes=shared.max_batch,
+        region_bytes=region,
+        peer_flush_interval_s=shared.flush_interval_s,
+        resync_checksum=shared.resync_checksum,
+    )
+    # The undo log of a resync target (docs/format.md): "auto" holds the whole
+    # volume, so the copy stays promotable through any resync; 0 disables it.
+    undo_text = vol.get("undo_max_bytes", "auto")
+    undo_max: int | None = None
+    if undo_text != "auto":
+        undo_max = r.size(vol, tname, "undo_max_bytes")
+        if 0 < undo_max < 1024 * 1024:
+            raise r.fail(
+                f"{tname}.undo_max_bytes", f"{undo_max} bytes: use 0 (off), auto, or at least 1MiB"
+            )
+    al_extents = r.get(vol, tname, "activity_log_extents", int, 1024)
+    if not 16 <= al_extents <= 65536:
+        raise r.fail(f"{tname}.activity_log_extents", f"{al_extents} must be in 16..65536")
+    al_extent = r.size(vol, tname, "activity_log_extent_size", "4MiB")
+    if al_extent < region or al_extent & (al_extent - 1):
+        raise r.fail(
+            f"{tname}.activity_log_extent_size",
+            f"{al_extent} must be a power of two no smaller than region_size ({region})",
+        )
+    single = tname == "volume"
+    for key in ("listen", "peer"):
+        if single and key in vol and key in rep:
+            raise r.fail(
+                f"volume.{key}", f"also given as replication.{key}: give it in one place only"
+            )
+    where = rep if single and "listen" not in vol else vol
+    where_name = "replication" if where is rep else tname
+    if "listen" not in where:
+        raise r.fail(
+            f"{where_name}.listen",
+            "missing (required): the address this volume's replication link listens on",
+        )
+    listen = r.endpoint(r.get(where, where_name, "listen", str), f"{where_name}.listen")
+    where = rep if single and "peer" not in vol else vol
+    where_name = "replication" if where is rep else tname
+    peer_text = r.get(where, where_name, "peer", str, None)
+    peer = None if peer_text is None else r.endpoint(peer_text, f"{where_name}.peer")
+    if role == Role.PRIMARY and peer is None:
+        raise r.fail(f"{where_name}.peer", "missing: a primary must know its secondary's address")
+    spec = VolumeSpec(
+        name=name,
+        volume_id=volume_id,
+        size_bytes=size,
+        block_size=block_size,
+        store_path=store,
+        meta_path=meta,
+        role=role,
+        policy=policy,
+        node=shared.node,
+        timers=shared.timers,
+        bitmap_path=bitmap_path,
+        undo_max_bytes=undo_max,
+        al_extents=al_extents,
+        al_extent_bytes=al_extent,
+        resync_max_rate_bytes_s=shared.max_rate,
+        split_brain_policy=SplitBrainPolicy(
+            r.choice(
+                vol, tname, "after_split_brain", tuple(p.value for p in SplitBrainPolicy), "none"
+            )
+        ),
+    )
+    return VolumeConfig(spec, listen, peer, name if export_name is None else export_name)
+
+
+def _check_distinct(
+    r: _Reader, tables: list[tuple[str, dict[str, Any]]], vols: list[VolumeConfig]
+) -> None:
+    """Two volumes of one daemon never share a name, id, file, port or export."""
+    seen: dict[tuple[str, object], str] = {}
+    for (tname, _), v in zip(tables, vols, strict=True):
+        s = v.spec
+        items: list[tuple[str, str, object]] = [
+            ("name", "name", s.name),
+            ("id", "id", s.volume_id),
+            ("store", "file", s.store_path),
+            ("meta", "file", s.meta_path),
+            ("bitmap", "file", s.bitmap_path),
+            ("listen", "listen", (v.listen.host, v.listen.port) if v.listen.port else None),
+        ]
+        for key, kind, value in items:
+            if value is None:
+                continue
+            other = seen.get((kind, value))
+            if other is not None:
+                raise r.fail(
+                    f"{tname}.{key}", f"the same {kind} as {other}: each volume needs its own"
+                )
+            seen[(kind, value)] = f"{tname}.{key}"
+
+
+def parse_config(data: dict[str, Any], path: str = "<memory>") -> DaemonConfig:
+    """Validate an already-parsed TOML document (see :func:`load_config`)."""
+    r = _Reader(path, data)
+    unknown = set(data) - set(_ALLOWED)
+    if unknown:
+        raise r.fail(sorted(unknown)[0], f"unknown table (allowed: {', '.join(sorted(_ALLOWED))})")
+    tables = _volume_tables(r)
+    node_t = r.table("node", required=False)
+    rep = r.table("replication")
+    exp = r.table("export")
+    ctl = r.table("control")
+    single = len(tables) == 1 and tables[0][0] == "volume"
+    if not single:
+        for key in ("listen", "peer"):
+            if key in rep:
+                raise r.fail(
+                    f"replication.{key}",
+                    "not allowed with [[volume]] tables: give each volume its own "
+                    f"{key} (volume[i].{key})",
+                )
+        if "name" in exp:
+            raise r.fail(
+                "export.name",
+                "not allowed with [[volume]] tables: each volume is exported under its own name",
+            )
+    shared = _shared(r, rep, node_t)
+    export_name = r.get(exp, "export", "name", str, None)
+    vols = [_volume(r, tname, vol, rep, shared, export_name) for tname, vol in tables]
+    _check_distinct(r, tables, vols)
+    tls = _replication_tls(r, rep)
 
     nbd = r.get(exp, "export", "nbd", str)
     unix_path: str | None = None
@@ -474,33 +686,8 @@ def parse_config(data: dict[str, Any], path: str = "<memory>") -> DaemonConfig:
         unix_path = r.path_of(exp, "export", "nbd")
         if len(unix_path.encode()) > 107:
             raise r.fail("export.nbd", f"socket path {unix_path} is longer than 107 bytes")
-    export = ExportConfig(
-        unix_path, tcp, r.get(exp, "export", "name", str, name), _export_tls(r, exp)
-    )
+    export = ExportConfig(unix_path, tcp, _export_tls(r, exp))
     control = r.path_of(ctl, "control", "socket")
     if len(control.encode()) > 107:
         raise r.fail("control.socket", f"socket path {control} is longer than 107 bytes")
-
-    spec = VolumeSpec(
-        name=name,
-        volume_id=volume_id,
-        size_bytes=size,
-        block_size=block_size,
-        store_path=store,
-        meta_path=meta,
-        role=role,
-        policy=policy,
-        node=node,
-        timers=timers,
-        bitmap_path=bitmap_path,
-        undo_max_bytes=undo_max,
-        al_extents=al_extents,
-        al_extent_bytes=al_extent,
-        resync_max_rate_bytes_s=max_rate,
-        split_brain_policy=SplitBrainPolicy(
-            r.choice(
-                vol, "volume", "after_split_brain", tuple(p.value for p in SplitBrainPolicy), "none"
-            )
-        ),
-    )
-    return DaemonConfig(path, spec, listen, peer, tls, export, control)
+    return DaemonConfig(path, tuple(vols), tls, export, control)

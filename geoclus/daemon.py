@@ -1,5 +1,10 @@
-"""The site daemon: one site's copy of one volume, its replication link, its NBD
-export and its control socket (``geoclus volume serve --config FILE``).
+"""The site daemon: one site's copies of one or more volumes, each with its own
+replication link, all exported by one NBD server under their names, and one
+control socket (``geoclus volume serve --config FILE``).
+
+Control requests name the volume they are about (``"volume": NAME``); a daemon
+with a single volume also takes requests that name none. ``status`` without a
+name answers for every volume.
 
 Shutdown (SIGTERM, SIGINT or the ``shutdown`` control command) is orderly: new
 writes are refused, writes in flight complete or fail, the peer is drained for
@@ -11,6 +16,7 @@ locally to its end even while the daemon stops.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -20,7 +26,7 @@ from typing import Any
 
 import trio
 
-from geoclus.config import DaemonConfig
+from geoclus.config import DaemonConfig, VolumeConfig
 from geoclus.control import serve_control
 from geoclus.errors import ControlError, GeoclusError, HandshakeRefused
 from geoclus.nbd.server import NbdServer
@@ -39,12 +45,14 @@ MAX_WRITE_BYTES = 16 * 1024 * 1024
 
 @dataclass(frozen=True)
 class DaemonAddresses:
-    """Where a started daemon listens (ports resolved when 0 was configured)."""
+    """Where a started daemon listens (ports resolved when 0 was configured):
+    ``replication`` is the first volume's link, ``replication_by_volume`` all."""
 
     replication: tuple[str, int]
     nbd_unix: str | None
     nbd_tcp: tuple[tuple[str, int], ...]
     control: str
+    replication_by_volume: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
 
 
 def _tls_contexts(cfg: DaemonConfig) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
@@ -82,7 +90,7 @@ def _check_peer_name(cfg: DaemonConfig, stream: TlsSocketStream) -> str:
 
 
 class Daemon:
-    """Runs one volume's site: see the module docstring."""
+    """Runs one site's volumes: see the module docstring."""
 
     def __init__(self, cfg: DaemonConfig) -> None:
         faults = os.environ.get("GEOCLUS_TEST_FAULTS", "")
@@ -99,34 +107,49 @@ class Daemon:
                 "on purpose; never use it for real data",
                 ", ".join(sorted(wanted)),
             )
-            cfg = dataclasses.replace(cfg, spec=dataclasses.replace(cfg.spec, faults=wanted))
+            cfg = dataclasses.replace(
+                cfg,
+                volumes=tuple(
+                    dataclasses.replace(v, spec=dataclasses.replace(v.spec, faults=wanted))
+                    for v in cfg.volumes
+                ),
+            )
         self.cfg = cfg
-        self.volume: ReplicatedVolume | None = None
+        self.volumes: dict[str, ReplicatedVolume] = {}
+        self._export_names = {v.name: v.export_name for v in cfg.volumes}
         self._shutdown = trio.Event()
         self._server_ctx, self._client_ctx = _tls_contexts(cfg)
         self._export_ctx = _export_tls_context(cfg)
         self.nbd: NbdServer | None = None
 
+    @property
+    def volume(self) -> ReplicatedVolume | None:
+        """The first volume (the only one of a single-volume daemon), once open."""
+        if not self.cfg.volumes:
+            return None
+        return self.volumes.get(self.cfg.volumes[0].name)
+
     def request_shutdown(self) -> None:
         self._shutdown.set()
 
-    async def _connect(self) -> trio.abc.Stream:
-        peer = self.cfg.peer
-        assert peer is not None
-        tcp = await trio.open_tcp_stream(peer.host, peer.port)
-        if self._client_ctx is None:
-            return tcp
-        tls = await wrap_client(tcp, self._client_ctx)
-        try:
-            _check_peer_name(self.cfg, tls)
-        except GeoclusError as exc:
-            await trio.aclose_forcefully(tls)
-            raise HandshakeRefused(str(exc)) from None
-        return tls
+    def _connector(self, vc: VolumeConfig) -> Any:
+        async def connect() -> trio.abc.Stream:
+            peer = vc.peer
+            assert peer is not None
+            tcp = await trio.open_tcp_stream(peer.host, peer.port)
+            if self._client_ctx is None:
+                return tcp
+            tls = await wrap_client(tcp, self._client_ctx)
+            try:
+                _check_peer_name(self.cfg, tls)
+            except GeoclusError as exc:
+                await trio.aclose_forcefully(tls)
+                raise HandshakeRefused(str(exc)) from None
+            return tls
 
-    async def _incoming(self, stream: trio.SocketStream) -> None:
-        vol = self.volume
-        assert vol is not None
+        return connect
+
+    async def _incoming(self, vol: ReplicatedVolume, stream: trio.SocketStream) -> None:
         try:
             label = "{}:{}".format(*stream.socket.getpeername()[:2])
         except OSError:
@@ -141,7 +164,8 @@ class Daemon:
             except (trio.BrokenResourceError, trio.TooSlowError, GeoclusError) as exc:
                 cause = exc.__cause__ or exc
                 log.warning(
-                    "refused replication connection from %s: %s",
+                    "volume %s: refused replication connection from %s: %s",
+                    vol.spec.name,
                     label,
                     cause if str(cause) else type(cause).__name__,
                 )
@@ -153,14 +177,52 @@ class Daemon:
         except Exception:
             # A bug in one session must not take down the export and the
             # daemon; it is logged with its traceback and the peer reconnects.
-            log.exception("replication session with %s failed unexpectedly", label)
+            log.exception(
+                "volume %s: replication session with %s failed unexpectedly",
+                vol.spec.name,
+                label,
+            )
+
+    def _chosen(self, req: dict[str, Any]) -> ReplicatedVolume:
+        """The volume a control request names (or the only one)."""
+        name = req.get("volume")
+        if name is not None and not isinstance(name, str):
+            raise ControlError('"volume" must be a volume name')
+        if name is None:
+            if len(self.volumes) == 1:
+                return next(iter(self.volumes.values()))
+            raise ControlError(
+                f"this daemon serves volumes {', '.join(self.volumes)}: name one (--volume NAME)"
+            )
+        vol = self.volumes.get(name)
+        if vol is None:
+            raise ControlError(
+                f"no volume {name!r} in this daemon (volumes: {', '.join(self.volumes)})"
+            )
+        return vol
 
     async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
-        vol = self.volume
-        assert vol is not None
         cmd = req["cmd"]
+        if cmd == "shutdown":
+            self._shutdown.set()
+            return {}
+        if cmd == "status" and req.get("volume") is None:
+            nbd = dataclasses.asdict(self.nbd.statistics()) if self.nbd is not None else None
+            every = []
+            for name, v in self.volumes.items():
+                status = v.status()
+                status["export"] = self._export_names[name]
+                if nbd is not None:
+                    status["nbd"] = nbd
+                every.append(status)
+            answer: dict[str, Any] = {"volumes": every}
+            if len(every) == 1:
+                answer["status"] = every[0]
+            return answer
+        vol = self._chosen(req)
         if cmd == "status":
             status = vol.status()
+            status["export"] = self._export_names[vol.spec.name]
             if self.nbd is not None:
                 status["nbd"] = dataclasses.asdict(self.nbd.statistics())
             return {"status": status}
@@ -180,8 +242,11 @@ class Daemon:
             force = req.get("force", False)
             if not isinstance(force, bool):
                 raise ControlError('promote takes "force": true or false')
-            if self.cfg.peer is None:
-                log.warning("promoting without replication.peer configured: no peer to dial")
+            if self.cfg.volume(vol.spec.name).peer is None:
+                log.warning(
+                    "volume %s: promoting without a peer address configured: no peer to dial",
+                    vol.spec.name,
+                )
             return await vol.promote(force=force)
         if cmd == "demote":
             return await vol.demote()
@@ -196,9 +261,6 @@ class Daemon:
             if not isinstance(resync, bool):
                 raise ControlError('verify takes "resync": true or false')
             return {"verify": vol.start_verify(resync=resync)}
-        if cmd == "shutdown":
-            self._shutdown.set()
-            return {}
         raise ControlError(
             f"unknown command {cmd!r} (status, allow-degraded, promote, demote, resolve, "
             "verify, events, shutdown)"
@@ -217,67 +279,91 @@ class Daemon:
         task_status: trio.TaskStatus[DaemonAddresses] = trio.TASK_STATUS_IGNORED,
         handle_signals: bool = True,
     ) -> None:
-        """Run until shutdown is requested; ``task_status`` gets the bound addresses."""
+        """Run until shutdown is requested; ``task_status`` gets the bound addresses.
+
+        Every volume is opened before anything listens; if one cannot be opened
+        the ones already open are closed and the error is raised (the daemon
+        serves all its volumes or none)."""
         cfg = self.cfg
-        self.volume = vol = await ReplicatedVolume.open(cfg.spec)
         try:
+            for vc in cfg.volumes:
+                self.volumes[vc.name] = await ReplicatedVolume.open(vc.spec)
             async with trio.open_nursery() as nursery:
                 if handle_signals:
                     nursery.start_soon(self._signals)
-                listeners = await trio.open_tcp_listeners(cfg.listen.port, host=cfg.listen.host)
-                rep_addr = listeners[0].socket.getsockname()[:2]
-                nursery.start_soon(trio.serve_listeners, self._incoming, listeners)
-                # The volume dials its peer whenever it is primary (now, or after
-                # a promotion) and stops when demoted.
-                vol.attach_link(
-                    nursery,
-                    self._connect if cfg.peer is not None else None,
-                    str(cfg.peer),
-                )
+                rep_addrs: dict[str, tuple[str, int]] = {}
+                for vc in cfg.volumes:
+                    vol = self.volumes[vc.name]
+                    listeners = await trio.open_tcp_listeners(vc.listen.port, host=vc.listen.host)
+                    addr = listeners[0].socket.getsockname()[:2]
+                    rep_addrs[vc.name] = (addr[0], addr[1])
+                    nursery.start_soon(
+                        trio.serve_listeners, functools.partial(self._incoming, vol), listeners
+                    )
+                    # The volume dials its peer whenever it is primary (now, or
+                    # after a promotion) and stops when demoted.
+                    vol.attach_link(
+                        nursery,
+                        self._connector(vc) if vc.peer is not None else None,
+                        str(vc.peer),
+                    )
                 self.nbd = NbdServer(
-                    {cfg.export.name: vol},
+                    {vc.export_name: self.volumes[vc.name] for vc in cfg.volumes},
                     unix_path=cfg.export.unix_path,
                     tcp_host=cfg.export.tcp.host if cfg.export.tcp else None,
                     tcp_port=cfg.export.tcp.port if cfg.export.tcp else None,
-                    default_export=cfg.export.name,
+                    # A client that names no export gets the first volume.
+                    default_export=cfg.volumes[0].export_name,
                     # One write must fit in one replication frame.
                     max_payload_bytes=MAX_WRITE_BYTES,
                     tls_context=self._export_ctx,
                 )
                 if cfg.export.plain_tcp:
                     log.warning(
-                        "volume %s: the NBD export on %s is plain TCP: anyone who can "
-                        "reach it can read and write the volume; set export.tls to "
+                        "the NBD export on %s (volumes %s) is plain TCP: anyone who can "
+                        "reach it can read and write the volumes; set export.tls to "
                         "require TLS with cluster certificates",
-                        cfg.spec.name,
                         cfg.export.tcp,
+                        ", ".join(cfg.names),
                     )
                 nbd_addr = await nursery.start(self.nbd.serve)
                 await nursery.start(serve_control, cfg.control_socket, self._control)
-                log.info(
-                    "volume %s: %s, %s mode, generation %#x; replication on %s:%d; NBD on %s",
-                    cfg.spec.name,
-                    cfg.spec.role.name.lower(),
-                    cfg.spec.policy.mode.name.lower(),
-                    vol.state.generation,
-                    rep_addr[0],
-                    rep_addr[1],
-                    nbd_addr.unix_path or nbd_addr.tcp,
-                )
+                for vc in cfg.volumes:
+                    vol = self.volumes[vc.name]
+                    host, port = rep_addrs[vc.name]
+                    log.info(
+                        "volume %s: %s, %s mode, generation %#x; replication on %s:%d; "
+                        "NBD export %r on %s",
+                        vc.name,
+                        vc.spec.role.name.lower(),
+                        vc.spec.policy.mode.name.lower(),
+                        vol.state.generation,
+                        host,
+                        port,
+                        vc.export_name,
+                        nbd_addr.unix_path or nbd_addr.tcp,
+                    )
                 task_status.started(
                     DaemonAddresses(
-                        (rep_addr[0], rep_addr[1]),
+                        rep_addrs[cfg.volumes[0].name],
                         nbd_addr.unix_path,
                         nbd_addr.tcp,
                         cfg.control_socket,
+                        rep_addrs,
                     )
                 )
                 await self._shutdown.wait()
-                log.info("volume %s: stopping (draining writes in flight)", cfg.spec.name)
-                await vol.close()
+                log.info("stopping %s (draining writes in flight)", ", ".join(cfg.names))
+                # Each volume drains its own peer; they close side by side, so
+                # the stop takes one drain_timeout_s at most, not one per volume.
+                async with trio.open_nursery() as closing:
+                    for vol in self.volumes.values():
+                        closing.start_soon(vol.close)
                 nursery.cancel_scope.cancel()
         finally:
-            if not vol.closed:
-                with trio.CancelScope(shield=True):
-                    await vol.close(drain=False)
-        log.info("volume %s: stopped cleanly", cfg.spec.name)
+            for vol in self.volumes.values():
+                if not vol.closed:
+                    with trio.CancelScope(shield=True):
+                        await vol.close(drain=False)
+        for name in cfg.names:
+            log.info("volume %s: stopped cleanly", name)

@@ -120,7 +120,7 @@ def make_tls_files(cfgdir: str) -> dict:
 
 def test_minimal_config_values_and_defaults(cfgdir) -> None:
     cfg = load(cfgdir, BASE)
-    spec = cfg.spec
+    spec = cfg.volume().spec
     assert cfg.path == os.path.join(cfgdir, "site.toml")
     assert spec.name == "db"
     assert spec.size_bytes == 256 * MiB
@@ -141,12 +141,12 @@ def test_minimal_config_values_and_defaults(cfgdir) -> None:
     t = spec.timers
     assert (t.keepalive_interval_s, t.peer_timeout_s, t.connect_timeout_s) == (0.5, 5.0, 5.0)
     assert (t.secondary_sync_interval_s, t.drain_timeout_s) == (1.0, 10.0)
-    assert cfg.listen == Endpoint("127.0.0.1", 7790)
-    assert cfg.peer == Endpoint("127.0.0.1", 7791)
+    assert cfg.volume().listen == Endpoint("127.0.0.1", 7790)
+    assert cfg.volume().peer == Endpoint("127.0.0.1", 7791)
     assert cfg.tls is None
     assert cfg.export.unix_path == os.path.join(cfgdir, "db-a.nbd")
     assert cfg.export.tcp is None
-    assert cfg.export.name == "db"
+    assert cfg.volume().export_name == "db"
     assert cfg.control_socket == os.path.join(cfgdir, "db-a.ctl")
 
 
@@ -186,7 +186,7 @@ def test_every_key_set(cfgdir) -> None:
     }
     path = write(os.path.join(cfgdir, "conf"), doc)
     cfg = load_config(path)
-    spec = cfg.spec
+    spec = cfg.volume().spec
     assert spec.name == "db.v2_x-1"
     assert spec.volume_id == bytes.fromhex("12345678123456781234567812345678")
     assert spec.size_bytes == 1024 * MiB
@@ -205,8 +205,8 @@ def test_every_key_set(cfgdir) -> None:
     assert (t.keepalive_interval_s, t.peer_timeout_s, t.connect_timeout_s) == (1.0, 2.5, 3.0)
     assert (t.secondary_sync_interval_s, t.drain_timeout_s) == (0.25, 60.0)
     assert isinstance(t.keepalive_interval_s, float)
-    assert cfg.listen == Endpoint("::1", 7790)
-    assert cfg.peer is None  # a secondary need not know the primary
+    assert cfg.volume().listen == Endpoint("::1", 7790)
+    assert cfg.volume().peer is None  # a secondary need not know the primary
     assert cfg.tls is not None
     assert os.path.normpath(cfg.tls.ca) == os.path.join(cfgdir, "ca", "ca.crt")
     assert os.path.normpath(cfg.tls.cert) == os.path.join(cfgdir, "ca", "a.crt")
@@ -214,7 +214,7 @@ def test_every_key_set(cfgdir) -> None:
     assert cfg.tls.peer_node == "site-a"
     assert cfg.export.tcp == Endpoint("0.0.0.0", 10809)
     assert cfg.export.unix_path is None
-    assert cfg.export.name == "dbexp"
+    assert cfg.volume().export_name == "dbexp"
     assert cfg.control_socket == os.path.join(cfgdir, "conf", "run", "db.ctl")
 
 
@@ -228,21 +228,21 @@ def test_volume_id_from_name_agrees_across_files(cfgdir) -> None:
         ("volume.role", "secondary"),
         ("volume.size", 256 * MiB),
     )
-    id_a = load_config(write(os.path.join(cfgdir, "a"), site_a)).spec.volume_id
-    id_b = load_config(write(os.path.join(cfgdir, "b"), site_b)).spec.volume_id
+    id_a = load_config(write(os.path.join(cfgdir, "a"), site_a)).volume().spec.volume_id
+    id_b = load_config(write(os.path.join(cfgdir, "b"), site_b)).volume().spec.volume_id
     assert id_a == id_b
     assert len(id_a) == 16
     other = load_config(write(cfgdir, with_changes(("volume.name", "db2")), "other.toml"))
-    assert other.spec.volume_id != id_a
+    assert other.volume().spec.volume_id != id_a
     # An explicit id wins over the derived one.
     explicit = uuid.UUID("0f0e0d0c-0b0a-0908-0706-050403020100")
     cfg = load(cfgdir, with_changes(("volume.id", str(explicit))))
-    assert cfg.spec.volume_id == bytes(range(15, -1, -1))
+    assert cfg.volume().spec.volume_id == bytes(range(15, -1, -1))
 
 
 def test_node_defaults_to_hostname(cfgdir) -> None:
     cfg = load(cfgdir, with_changes(("node", DELETE)))
-    assert cfg.spec.node == socket.gethostname()
+    assert cfg.volume().spec.node == socket.gethostname()
 
 
 @pytest.mark.parametrize(
@@ -259,7 +259,7 @@ def test_node_defaults_to_hostname(cfgdir) -> None:
 )
 def test_size_forms(cfgdir, size, want) -> None:
     cfg = load(cfgdir, with_changes(("volume.size", size)))
-    assert cfg.spec.size_bytes == want
+    assert cfg.volume().spec.size_bytes == want
 
 
 def test_tcp_export_and_long_unix_paths(cfgdir) -> None:
