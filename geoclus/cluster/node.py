@@ -1,0 +1,674 @@
+"""The cluster service's node core (sans-I/O): heartbeats and failure
+detection, regroup (view change), the global update manager, and the quorum
+lease that decides whether this node may run resources.
+
+``NodeCore`` takes messages and the time, and returns :class:`Send` actions
+(plus :class:`Persist` whenever :attr:`NodeCore.disk` changed; the shell must
+make it durable *before* sending what follows it in the same list). It never
+reads a clock, a socket or a random number. docs/cluster.md describes the
+protocol; in short:
+
+* **Heartbeats.** Every ``heartbeat_interval_s`` a node pings every configured
+  node; the Pong says which view the answerer is installed in. A peer not
+  heard for its ``missed_heartbeats`` intervals (same-site and cross-site
+  thresholds differ) is *suspected*.
+* **Votes are leases.** A member's vote for view V counts at a node until
+  ``lease_s`` after that node *sent* the ping the member answered in V. A
+  member that promises a new view stops answering in V, and tells the new
+  coordinator how long its last V answer can still count (``release_s``).
+* **Acting.** A node may run resources ("acts") only while it is installed in
+  a view, the view's ``act_after`` has passed, and its fresh votes (itself,
+  members' leases, the witness's lease) make quorum (quorum/votes.py). A node
+  cut off from a quorum therefore stops within ``lease_s`` of its last
+  answered ping, with no message needed.
+* **Regroup.** The locker (the view's coordinator) regroups when a member is
+  suspected or fails to apply an update, or a configured non-member answers
+  pings; a member regroups when it suspects the locker; a node in no view or
+  without quorum retries. The coordinator sends ``Prepare(v')`` with a view
+  above any it has seen; acceptors promise (they refuse while they still hear
+  a live locker that is not the preparer, so a node on the far side of an
+  asymmetric cut cannot disrupt a working view); after every reachable node
+  answered, or ``regroup_answer_timeout_s``, the promisers are the new
+  members. With quorum (and, for ``majority+witness`` when the nodes alone
+  are short, the witness's grant), the coordinator picks the log with the
+  highest ``(normal_view, length)``, installs, and sends ``NewView`` with
+  ``act_wait_s`` = the longest remaining release of any promiser and the
+  witness's hand-over wait. Members install it and answer ``Installed``.
+* **Global updates.** Only the locker of an acting view appends. An update is
+  durable on a member when it answers ``Appended``; it is *committed* when
+  durable on ``commit_needed`` votes (members that acknowledged it in this
+  view, plus the witness if it recorded the log position), and applied by
+  every member in log order once the locker's commit index (sent in Appends
+  and Pings) covers it. A member that has not acknowledged an update within
+  ``update_timeout_s`` is dropped by a regroup (the seeds' GUM rule).
+
+Safety (checked by geoclus/cluster/sim.py after every step): at any moment
+every acting node is in the same view; a node cut off from quorum stops within
+``stop_bound_s``; committed updates are never lost and are applied in one
+order everywhere; members of a view agree on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from geoclus.cluster.messages import (
+    NO_VIEW,
+    Append,
+    Appended,
+    Entry,
+    Installed,
+    Message,
+    NewView,
+    Ping,
+    Pong,
+    Prepare,
+    Promise,
+    Reject,
+    Submit,
+    View,
+)
+from quorum.votes import QuorumKind, commit_needed, decide
+from quorum.witness import VoteReply, VoteRequest
+
+WITNESS = -2  # the witness's address in Send actions
+
+
+@dataclass(frozen=True)
+class ClusterTimers:
+    """Timers of the node core (config keys of the same names)."""
+
+    heartbeat_interval_s: float = 1.2
+    missed_heartbeats_same_site: int = 5
+    missed_heartbeats_cross_site: int = 8
+    regroup_answer_timeout_s: float = 4.0
+    update_timeout_s: float = 8.0
+
+    def lease_s(self, same_site: bool) -> float:
+        n = self.missed_heartbeats_same_site if same_site else self.missed_heartbeats_cross_site
+        return self.heartbeat_interval_s * n
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """The static part of the configuration the core needs."""
+
+    nodes: tuple[int, ...]
+    sites: dict[int, str]
+    kind: QuorumKind
+    timers: ClusterTimers = ClusterTimers()
+    max_log_entries: int = 100_000
+    max_pending_submits: int = 1024
+
+    def lease_s(self, a: int, b: int) -> float:
+        return self.timers.lease_s(self.sites.get(a) == self.sites.get(b))
+
+    @property
+    def max_lease_s(self) -> float:
+        return max(self.timers.lease_s(True), self.timers.lease_s(False))
+
+    @property
+    def stop_bound_s(self) -> float:
+        """Longest a node cut off from quorum may still act: its last counted
+        vote was answered to a ping sent at most this long before the cut
+        could be noticed (one interval of ping spacing plus the longest lease)."""
+        return self.max_lease_s + self.timers.heartbeat_interval_s
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send ``msg`` to node ``to`` (or to the witness, ``WITNESS``)."""
+
+    to: int
+    msg: Message | VoteRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Persist:
+    """Make :attr:`NodeCore.disk` durable before the actions after this one."""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something an operator should see (membership, quorum, arbitration)."""
+
+    kind: str
+    message: str
+
+
+Action = Send | Persist | Event
+
+
+@dataclass
+class Disk:
+    """What a node keeps across a crash."""
+
+    promised: View = NO_VIEW
+    normal_view: View = NO_VIEW
+    members: frozenset[int] = frozenset()
+    log: list[Entry] = field(default_factory=list)
+    commit: int = 0
+
+    def copy(self) -> Disk:
+        return dataclasses.replace(self, log=list(self.log))
+
+
+@dataclass
+class _ViewChange:
+    view: View
+    started_at: float
+    deadline: float
+    expected: frozenset[int]
+    promises: dict[int, Promise] = field(default_factory=dict)
+    rejected: set[int] = field(default_factory=set)
+    witness_asked_at: float | None = None
+    witness_reply: VoteReply | None = None
+    witness_reply_at: float = 0.0
+
+
+class NodeCore:
+    """One node's cluster state machine; see the module docstring."""
+
+    def __init__(self, node_id: int, spec: ClusterSpec, disk: Disk | None, now: float) -> None:
+        if node_id not in spec.nodes:
+            raise ValueError(f"node {node_id} is not configured")
+        self.id = node_id
+        self.spec = spec
+        self.disk = disk.copy() if disk is not None else Disk()
+        self.installed = False
+        self.act_after = 0.0
+        self._wake_at_act: float | None = None
+        self.applied = self.disk.commit  # entries applied (replayed from the log at start)
+        self._next_ping = now
+        self._heard: dict[int, float] = {}  # peer -> send time of my last ping it answered
+        self._heard_view: dict[int, View] = {}
+        self._vote_until: dict[int, float] = {}  # member -> my lease on its vote
+        self._witness_until = 0.0
+        self._witness_wait_until = 0.0
+        # When I last answered a ping in my view. After a restart I may have
+        # answered one just before the crash: count the restart as that moment.
+        self._last_pong_sent_in_view = now if self.disk.normal_view != NO_VIEW else -1e18
+        self._vc: _ViewChange | None = None
+        self._next_regroup = now + self._stagger()
+        self._regroup_attempts = 0
+        self._acked: dict[int, int] = {}  # locker: member -> durable length in this view
+        self._append_time: dict[int, float] = {}  # locker: index -> time appended
+        self._pending: list[Submit] = []
+        self._highest_seen: View = max(self.disk.promised, self.disk.normal_view)
+        self._witness_recorded = ((0, 0), 0)
+        self._was_acting = False
+        self.regroups_started = 0
+
+    # --- queries ---------------------------------------------------------------------
+
+    @property
+    def view(self) -> View:
+        return self.disk.normal_view
+
+    @property
+    def members(self) -> frozenset[int]:
+        return self.disk.members
+
+    @property
+    def is_locker(self) -> bool:
+        return self.installed and self.disk.normal_view[1] == self.id
+
+    def fresh_voters(self, now: float) -> frozenset[int]:
+        """Members whose vote for my view still counts here (myself included)."""
+        if not self.installed:
+            return frozenset()
+        return frozenset(
+            m for m in self.disk.members if m == self.id or self._vote_until.get(m, -1.0) > now
+        )
+
+    def acting(self, now: float) -> bool:
+        """May this node run resources now?"""
+        if not self.installed or now < self.act_after:
+            return False
+        return decide(
+            self.spec.kind,
+            self.spec.nodes,
+            self.fresh_voters(now),
+            witness_vote=self._witness_until > now,
+        ).has_quorum
+
+    def committed(self) -> list[Entry]:
+        return self.disk.log[: self.disk.commit]
+
+    # --- inputs ----------------------------------------------------------------------
+
+    def submit(self, uid: str, payload: Any, now: float) -> list[Action]:
+        """A configuration update from an operator or a resource manager. The
+        locker of an acting view appends it; another node forwards it to its
+        locker; a node in no view queues it (bounded) until it has one."""
+        return self._submit(Submit(uid, payload), now)
+
+    def on_message(self, src: int, msg: Message | VoteReply, now: float) -> list[Action]:
+        """Handle one message from node ``src`` (or the witness)."""
+        out: list[Action] = []
+        if isinstance(msg, Ping):
+            self._on_ping(src, msg, now, out)
+        elif isinstance(msg, Pong):
+            self._on_pong(src, msg, now)
+        elif isinstance(msg, Prepare):
+            self._on_prepare(src, msg, now, out)
+        elif isinstance(msg, Promise):
+            self._on_promise(src, msg, now, out)
+        elif isinstance(msg, Reject):
+            self._on_reject(src, msg, now, out)
+        elif isinstance(msg, NewView):
+            self._on_new_view(src, msg, now, out)
+        elif isinstance(msg, Installed | Appended):
+            self._on_acked(src, msg.view, msg.length, now, out)
+        elif isinstance(msg, Append):
+            self._on_append(src, msg, out)
+        elif isinstance(msg, Submit):
+            out += self._submit(msg, now)
+        elif isinstance(msg, VoteReply):
+            self._on_witness(msg, now, out)
+        out += self._tick(now)
+        return out
+
+    def on_tick(self, now: float) -> list[Action]:
+        """Let time pass (the shell calls this at :meth:`next_deadline`)."""
+        return self._tick(now)
+
+    def next_deadline(self) -> float:
+        """The latest time :meth:`on_tick` must be called by."""
+        deadlines = [self._next_ping]
+        if self._vc is not None:
+            deadlines.append(self._vc.deadline)
+        else:
+            deadlines.append(self._next_regroup)
+        if self._wake_at_act is not None:
+            deadlines.append(self._wake_at_act)
+        return min(deadlines)
+
+    # --- heartbeats ------------------------------------------------------------------
+
+    def _on_ping(self, src: int, msg: Ping, now: float, out: list[Action]) -> None:
+        my_view = self.disk.normal_view if self.installed else NO_VIEW
+        if self.installed and msg.view == my_view:
+            self._last_pong_sent_in_view = now
+            if src == my_view[1] and msg.commit > self.disk.commit:
+                self._advance_commit(min(msg.commit, len(self.disk.log)), out)
+        witness_s = max(0.0, self._witness_until - now) if self.is_locker else 0.0
+        out.append(Send(src, Pong(my_view, msg.sent_at, witness_s)))
+
+    def _on_pong(self, src: int, msg: Pong, now: float) -> None:
+        sent = msg.ping_sent_at
+        if sent > now:
+            return  # not a ping of mine: ignore
+        self._heard[src] = max(self._heard.get(src, -1e18), sent)
+        self._heard_view[src] = msg.view
+        self._highest_seen = max(self._highest_seen, msg.view)
+        if self.installed and msg.view == self.disk.normal_view:
+            until = sent + self.spec.lease_s(self.id, src)
+            if until > self._vote_until.get(src, -1.0):
+                self._vote_until[src] = until
+            if src == self.disk.normal_view[1] and msg.witness_s > 0:
+                self._witness_until = max(self._witness_until, sent + msg.witness_s)
+
+    def reachable(self, now: float) -> frozenset[int]:
+        """Configured nodes that answered a ping within their threshold, and me."""
+        return frozenset(
+            n
+            for n in self.spec.nodes
+            if n == self.id or self._heard.get(n, -1e18) + self.spec.lease_s(self.id, n) > now
+        )
+
+    # --- regroup ---------------------------------------------------------------------
+
+    def _stagger(self) -> float:
+        """Deterministic spread of regroup starts: lower ids go first."""
+        return (1 + self.spec.nodes.index(self.id)) * self.spec.timers.heartbeat_interval_s * 0.5
+
+    def _want_regroup(self, now: float) -> str | None:
+        reach = self.reachable(now)
+        if not self.installed:
+            return "in no view"
+        if now >= self.act_after and not self.acting(now):
+            return "view lost quorum"
+        locker = self.disk.normal_view[1]
+        if self.is_locker:
+            gone = self.disk.members - reach
+            if gone:
+                return f"member(s) {sorted(gone)} not heard"
+            # A reachable node answering in another view: a new or restarted
+            # node (member or not) that wants to (re)join.
+            joiners = {n for n in reach - {self.id} if self._heard_view.get(n) != self.view}
+            if joiners:
+                return f"node(s) {sorted(joiners)} want to join"
+            slow = self._slow_members(now)
+            if slow:
+                return f"member(s) {sorted(slow)} did not apply an update in time"
+            return None
+        if locker not in reach:
+            return f"locker {locker} not heard"
+        return None
+
+    def _slow_members(self, now: float) -> set[int]:
+        slow = set()
+        for index, t in self._append_time.items():
+            if now - t > self.spec.timers.update_timeout_s:
+                slow |= {m for m in self.disk.members if self._acked.get(m, 0) < index}
+        return slow - {self.id}
+
+    def _start_view_change(self, now: float, why: str, out: list[Action]) -> None:
+        view = (max(self._highest_seen[0], self.disk.promised[0]) + 1, self.id)
+        self._highest_seen = view
+        reach = self.reachable(now)
+        if self.is_locker:
+            reach -= self._slow_members(now)
+        self._vc = _ViewChange(
+            view=view,
+            started_at=now,
+            deadline=now + self.spec.timers.regroup_answer_timeout_s,
+            expected=reach,
+        )
+        self.regroups_started += 1
+        out.append(Event("regroup", f"node {self.id} starts view {view}: {why}"))
+        for n in self.spec.nodes:
+            if n == self.id:
+                self._on_prepare(self.id, Prepare(view), now, out)
+            else:
+                out.append(Send(n, Prepare(view)))
+
+    def _on_prepare(self, src: int, msg: Prepare, now: float, out: list[Action]) -> None:
+        d = self.disk
+        self._highest_seen = max(self._highest_seen, msg.view)
+        if msg.view <= d.promised:
+            if src != self.id:
+                out.append(Send(src, Reject(msg.view, d.promised, "promised a higher view")))
+            return
+        if (
+            src != self.id
+            and self.installed
+            and src != d.normal_view[1]
+            and self.acting(now)
+            and d.normal_view[1] in self.reachable(now)
+        ):
+            # Stickiness: a working view's members do not follow a stranger
+            # while they hear their locker; the locker will take it in.
+            out.append(Send(src, Reject(msg.view, d.promised, "the locker is alive")))
+            return
+        if self._was_acting or self.installed:
+            out.append(Event("view", f"node {self.id} leaves view {d.normal_view} for {msg.view}"))
+        d.promised = msg.view
+        self.installed = False
+        self._was_acting = False
+        out.append(Persist())
+        release_s = max(0.0, self._last_pong_sent_in_view + self.spec.max_lease_s - now)
+        promise = Promise(msg.view, d.normal_view, tuple(d.log), d.commit, release_s)
+        if src == self.id:
+            if self._vc is not None and self._vc.view == msg.view:
+                self._vc.promises[self.id] = promise
+        else:
+            out.append(Send(src, promise))
+
+    def _on_promise(self, src: int, msg: Promise, now: float, out: list[Action]) -> None:
+        vc = self._vc
+        if vc is None or msg.view != vc.view or vc.witness_asked_at is not None:
+            return
+        vc.promises[src] = msg
+        if vc.expected <= set(vc.promises) | vc.rejected:
+            self._conclude(now, out)
+
+    def _on_reject(self, src: int, msg: Reject, now: float, out: list[Action]) -> None:
+        self._highest_seen = max(self._highest_seen, msg.promised)
+        vc = self._vc
+        if vc is None or msg.view != vc.view or vc.witness_asked_at is not None:
+            return
+        vc.rejected.add(src)
+        if vc.expected <= set(vc.promises) | vc.rejected:
+            self._conclude(now, out)
+
+    def _best(self, vc: _ViewChange) -> Promise:
+        return max(vc.promises.values(), key=lambda p: (p.normal_view, len(p.log)))
+
+    def _conclude(self, now: float, out: list[Action]) -> None:
+        vc = self._vc
+        assert vc is not None
+        members = frozenset(vc.promises)
+        nodes_only = decide(self.spec.kind, self.spec.nodes, members)
+        if nodes_only.has_quorum:
+            self._install_as_coordinator(now, out)
+            return
+        if self.spec.kind is QuorumKind.MAJORITY_WITNESS and vc.witness_asked_at is None:
+            best = self._best(vc)
+            vc.witness_asked_at = now
+            vc.deadline = now + self.spec.timers.regroup_answer_timeout_s
+            out.append(
+                Send(
+                    WITNESS,
+                    VoteRequest(
+                        vc.view,
+                        members,
+                        (best.normal_view, len(best.log)),
+                        record=False,
+                        echo=now,
+                    ),
+                )
+            )
+            return
+        self._fail_view_change(now, f"no quorum: {nodes_only.reason}", out)
+
+    def _fail_view_change(self, now: float, why: str, out: list[Action]) -> None:
+        vc = self._vc
+        assert vc is not None
+        out.append(Event("regroup", f"node {self.id}: view {vc.view} not formed ({why})"))
+        self._vc = None
+        self._regroup_attempts += 1
+        backoff = min(self._regroup_attempts, 8) * self.spec.timers.regroup_answer_timeout_s / 2
+        self._next_regroup = now + backoff + self._stagger()
+
+    def _install_as_coordinator(self, now: float, out: list[Action]) -> None:
+        vc = self._vc
+        assert vc is not None
+        if self.disk.promised != vc.view:
+            self._vc = None  # I promised a higher view meanwhile
+            return
+        best = self._best(vc)
+        members = frozenset(vc.promises)
+        wait_s = max(p.release_s for p in vc.promises.values())
+        if vc.witness_reply is not None:
+            wait_s = max(wait_s, vc.witness_reply_at + vc.witness_reply.wait_s - now)
+        commit = max(p.commit for p in vc.promises.values())
+        commit = min(commit, len(best.log))
+        d = self.disk
+        d.normal_view = vc.view
+        d.members = members
+        d.log = list(best.log)
+        out.append(Persist())
+        self._enter_view(now, wait_s, out)
+        self._advance_commit(commit, out)
+        self._acked = {self.id: len(d.log)}
+        self._append_time = {}
+        msg = NewView(vc.view, members, tuple(d.log), commit, wait_s)
+        for m in members - {self.id}:
+            out.append(Send(m, msg))
+        out.append(Event("view", f"view {vc.view} formed by {self.id}: members {sorted(members)}"))
+        self._vc = None
+        self._regroup_attempts = 0
+
+    def _enter_view(self, now: float, wait_s: float, out: list[Action]) -> None:
+        self.installed = True
+        self.act_after = now + wait_s
+        self._wake_at_act = self.act_after if wait_s > 0 else None
+        self._vote_until = {}
+        if self._vc is None or self._vc.witness_reply is None:
+            self._witness_until = 0.0
+        self._next_regroup = now + self.spec.timers.regroup_answer_timeout_s + self._stagger()
+        self._next_ping = now  # ping at once: the view's votes start counting
+
+    def _on_new_view(self, src: int, msg: NewView, now: float, out: list[Action]) -> None:
+        d = self.disk
+        if msg.view != d.promised or src != msg.view[1] or self.id not in msg.members:
+            return
+        d.normal_view = msg.view
+        d.members = msg.members
+        d.log = list(msg.log)
+        out.append(Persist())
+        self._enter_view(now, msg.act_wait_s, out)
+        self._witness_until = 0.0
+        self._advance_commit(min(msg.commit, len(d.log)), out)
+        out.append(Send(src, Installed(msg.view, len(d.log))))
+
+    def _on_witness(self, msg: VoteReply, now: float, out: list[Action]) -> None:
+        vc = self._vc
+        if vc is not None and msg.view == vc.view and vc.witness_asked_at is not None:
+            if not msg.granted:
+                self._fail_view_change(now, f"witness refused: {msg.reason}", out)
+                return
+            vc.witness_reply = msg
+            vc.witness_reply_at = now
+            self._witness_until = msg.echo + msg.lease_s
+            self._witness_recorded = msg.recorded
+            self._install_as_coordinator(now, out)
+            return
+        if self.is_locker and msg.view == self.view and msg.granted:
+            self._witness_until = max(self._witness_until, msg.echo + msg.lease_s)
+            self._witness_recorded = max(self._witness_recorded, msg.recorded)
+            self._try_commit(out)
+
+    # --- global updates --------------------------------------------------------------
+
+    def _submit(self, sub: Submit, now: float) -> list[Action]:
+        out: list[Action] = []
+        if self.is_locker and self.acting(now):
+            if any(e.uid == sub.uid for e in self.disk.log):
+                return out  # a resubmission: already in the log
+            if len(self.disk.log) >= self.spec.max_log_entries:
+                out.append(Event("update", f"log full ({len(self.disk.log)} entries): refused"))
+                return out
+            entry = Entry(self.view, len(self.disk.log) + 1, sub.uid, sub.payload)
+            self.disk.log.append(entry)
+            out.append(Persist())
+            self._acked[self.id] = len(self.disk.log)
+            self._append_time[entry.index] = now
+            for m in self.disk.members - {self.id}:
+                out.append(Send(m, Append(self.view, entry.index - 1, (entry,), self.disk.commit)))
+            self._try_commit(out)
+            return out
+        if self.installed and not self.is_locker:
+            out.append(Send(self.view[1], sub))
+            return out
+        if len(self._pending) < self.spec.max_pending_submits:
+            self._pending.append(sub)
+        else:
+            out.append(Event("update", f"update {sub.uid} dropped: {len(self._pending)} queued"))
+        return out
+
+    def _on_append(self, src: int, msg: Append, out: list[Action]) -> None:
+        d = self.disk
+        if not self.installed or msg.view != d.normal_view or src != msg.view[1]:
+            return
+        if msg.after <= len(d.log):
+            new = [e for e in msg.entries if e.index > len(d.log)]
+            if new and new[0].index == len(d.log) + 1:
+                d.log.extend(new)
+                out.append(Persist())
+        out.append(Send(src, Appended(msg.view, len(d.log))))
+        if msg.commit > d.commit:
+            self._advance_commit(min(msg.commit, len(d.log)), out)
+
+    def _on_acked(self, src: int, view: View, length: int, now: float, out: list[Action]) -> None:
+        if not self.is_locker or view != self.view:
+            return
+        prev = self._acked.get(src, 0)
+        self._acked[src] = max(prev, length)
+        if length < len(self.disk.log) and length <= prev:
+            # No progress since the last answer: it missed an Append; resend.
+            entries = tuple(self.disk.log[length:])
+            out.append(Send(src, Append(self.view, length, entries, self.disk.commit)))
+        self._try_commit(out)
+
+    def _try_commit(self, out: list[Action]) -> None:
+        d = self.disk
+        need = commit_needed(self.spec.kind, len(self.spec.nodes))
+        index = len(d.log)
+        while index > d.commit:
+            votes = sum(1 for m in d.members if self._acked.get(m, 0) >= index)
+            if self.spec.kind is QuorumKind.MAJORITY_WITNESS and self._witness_recorded >= (
+                self.view,
+                index,
+            ):
+                votes += 1
+            if votes >= need:
+                break
+            index -= 1
+        if index > d.commit:
+            for i in list(self._append_time):
+                if i <= index:
+                    del self._append_time[i]
+            self._advance_commit(index, out)
+            for m in d.members - {self.id}:
+                out.append(Send(m, Append(self.view, len(d.log), (), d.commit)))
+
+    def _advance_commit(self, index: int, out: list[Action]) -> None:
+        d = self.disk
+        if index <= d.commit:
+            return
+        d.commit = index
+        out.append(Persist())
+        self.applied = index
+
+    # --- time ------------------------------------------------------------------------
+
+    def _tick(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        if self._wake_at_act is not None and now >= self._wake_at_act:
+            self._wake_at_act = None
+        acting = self.acting(now)
+        if acting != self._was_acting:
+            out.append(
+                Event(
+                    "quorum",
+                    f"node {self.id} {'gains' if acting else 'loses'} quorum in view {self.view}",
+                )
+            )
+            self._was_acting = acting
+        if now >= self._next_ping:
+            self._next_ping = now + self.spec.timers.heartbeat_interval_s
+            view = self.disk.normal_view if self.installed else NO_VIEW
+            commit = self.disk.commit if self.is_locker else 0
+            for n in self.spec.nodes:
+                if n != self.id:
+                    out.append(Send(n, Ping(view, now, commit)))
+            if self.is_locker and self.spec.kind is QuorumKind.MAJORITY_WITNESS:
+                record = len(self.disk.members) < commit_needed(
+                    self.spec.kind, len(self.spec.nodes)
+                )
+                out.append(
+                    Send(
+                        WITNESS,
+                        VoteRequest(
+                            self.view,
+                            self.disk.members,
+                            (self.view, len(self.disk.log)),
+                            record=record,
+                            echo=now,
+                        ),
+                    )
+                )
+        vc = self._vc
+        if vc is not None and now >= vc.deadline:
+            if vc.witness_asked_at is not None:
+                self._fail_view_change(now, "the witness did not answer", out)
+            elif vc.promises:
+                self._conclude(now, out)
+            else:
+                self._fail_view_change(now, "no answers", out)
+        if self._vc is None and now >= self._next_regroup:
+            why = self._want_regroup(now)
+            if why is not None:
+                self._start_view_change(now, why, out)
+            else:
+                self._next_regroup = now + self.spec.timers.heartbeat_interval_s
+        if self._pending and self.installed and acting:
+            pending, self._pending = self._pending, []
+            for sub in pending:
+                out += self._submit(sub, now)
+        return out

@@ -1,0 +1,419 @@
+"""Deterministic simulation of the cluster service's cores (``geoclus sim``).
+
+N :class:`~geoclus.cluster.node.NodeCore` nodes on two sites and, for
+``majority+witness``, a :class:`~quorum.witness.WitnessCore` on a third, in one
+process, on a simulated clock, over a simulated network that delays, drops,
+duplicates and reorders messages and is cut symmetrically and asymmetrically;
+nodes and the witness crash (losing everything but what they persisted) and
+restart. Operators submit configuration updates to random nodes throughout.
+Everything follows from one seed.
+
+After every step the checker asserts the safety properties (MISSION.md §3,
+4 and 5):
+
+* **one acting view**: every node that may run resources is in the same view;
+* **bounded stop**: a node that has had no working two-way path (direct or
+  through other nodes) to a quorum of votes for longer than ``stop_bound_s``
+  (plus the network's worst delay) is not acting;
+* **one history**: no two nodes ever commit different updates at one index,
+  a locker's log always holds every update committed so far, and every
+  node's applied updates are a prefix of that one history;
+* **one membership per view**: nodes installed in the same view agree on
+  its members.
+
+At the end the network heals, every node restarts, and after a quiet period
+every node must be in one view, acting, with the same committed log
+(liveness after healing: no flapping, no stuck view).
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from geoclus.cluster.messages import NO_VIEW, Entry, View
+from geoclus.cluster.node import (
+    WITNESS,
+    ClusterSpec,
+    ClusterTimers,
+    Disk,
+    Event,
+    NodeCore,
+    Persist,
+    Send,
+)
+from quorum.votes import QuorumKind, decide
+from quorum.witness import VoteRequest, WitnessCore
+
+
+class SafetyViolation(AssertionError):
+    """A safety property failed; the message names it, the time and the seed."""
+
+
+@dataclass
+class SimSettings:
+    """What one simulated run looks like (all drawn from the seed by default)."""
+
+    nodes: int = 4
+    kind: QuorumKind = QuorumKind.MAJORITY
+    duration_s: float = 240.0
+    settle_s: float = 90.0
+    min_delay_s: float = 0.0002
+    max_delay_s: float = 0.02
+    slow_delay_s: float = 3.0  # rare long delays (reordering across heartbeats)
+    slow_p: float = 0.01
+    drop_p: float = 0.02
+    dup_p: float = 0.02
+    fault_every_s: float = 12.0
+    submit_every_s: float = 2.0
+    timers: ClusterTimers = field(default_factory=ClusterTimers)
+
+
+def settings_for_seed(seed: int, kind: QuorumKind, **overrides: Any) -> SimSettings:
+    """The settings a seed runs with: the node count (2 to 5) follows the seed
+    so every size is covered; shorter runs than the default keep CI fast."""
+    sizes = (3, 4, 5, 2) if kind is QuorumKind.MAJORITY else (2, 3, 4, 5)
+    base: dict[str, Any] = {
+        "nodes": sizes[seed % 4],
+        "kind": kind,
+        "duration_s": 150.0,
+        "settle_s": 60.0,
+    }
+    base.update(overrides)
+    return SimSettings(**base)
+
+
+@dataclass
+class SimResult:
+    seed: int
+    steps: int
+    committed: int
+    views_formed: int
+    regroups: int
+    faults: list[str]
+    events: int
+    final_view: View
+
+
+_WITNESS_SITE = "witness"
+
+
+class Simulation:
+    """One seeded run; :meth:`run` returns a :class:`SimResult` or raises
+    :class:`SafetyViolation`."""
+
+    def __init__(
+        self, seed: int, settings: SimSettings | None = None, *, trace: bool = False
+    ) -> None:
+        self.seed = seed
+        self.trace: list[str] | None = [] if trace else None
+        self.rng = random.Random(seed)
+        s = self.s = settings or SimSettings()
+        ids = tuple(range(s.nodes))
+        sites = {n: ("A" if n < (s.nodes + 1) // 2 else "B") for n in ids}
+        self.spec = ClusterSpec(nodes=ids, sites=sites, kind=s.kind, timers=s.timers)
+        self.now = 0.0
+        self._queue: list[tuple[float, int, str, Any]] = []
+        self._seq = 0
+        self.cores: dict[int, NodeCore | None] = {n: NodeCore(n, self.spec, None, 0.0) for n in ids}
+        self.persisted: dict[int, Disk] = {n: Disk() for n in ids}
+        self.witness: WitnessCore | None = None
+        self.witness_saved: WitnessCore | None = None
+        if s.kind is QuorumKind.MAJORITY_WITNESS:
+            self.witness = WitnessCore(
+                lease_s=self.spec.max_lease_s, collect_s=s.timers.heartbeat_interval_s
+            )
+        self.ends = [*ids, WITNESS]
+        self.cut: set[tuple[int, int]] = set()  # directed links that drop everything
+        self._tick_at: dict[int, float] = {}
+        self.history: dict[int, str] = {}  # index -> uid of every committed update
+        self.view_members: dict[View, frozenset[int]] = {}
+        self.last_quorum_path: dict[int, float] = dict.fromkeys(ids, 0.0)
+        self.faults: list[str] = []
+        self.steps = 0
+        self.events = 0
+        self._uid = 0
+        self.settling = False
+        for n in ids:
+            self._schedule_tick(n, 0.0)
+
+    # --- plumbing ----------------------------------------------------------------------
+
+    def _push(self, at: float, kind: str, data: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._queue, (at, self._seq, kind, data))
+
+    def _schedule_tick(self, n: int, at: float) -> None:
+        if self._tick_at.get(n, float("inf")) <= at and self._tick_at.get(n, -1.0) > self.now:
+            return
+        self._tick_at[n] = at
+        self._push(at, "tick", n)
+
+    def _delay(self) -> float:
+        if not self.settling and self.rng.random() < self.s.slow_p:
+            return self.rng.uniform(self.s.max_delay_s, self.s.slow_delay_s)
+        return self.rng.uniform(self.s.min_delay_s, self.s.max_delay_s)
+
+    def _send(self, src: int, dst: int, msg: Any) -> None:
+        if (src, dst) in self.cut:
+            return
+        if not self.settling and self.rng.random() < self.s.drop_p:
+            return
+        copies = 2 if not self.settling and self.rng.random() < self.s.dup_p else 1
+        for _ in range(copies):
+            self._push(self.now + self._delay(), "deliver", (src, dst, msg))
+
+    def _run_actions(self, n: int, actions: list[Any]) -> None:
+        core = self.cores[n]
+        assert core is not None
+        for a in actions:
+            if isinstance(a, Persist):
+                self.persisted[n] = core.disk.copy()
+            elif isinstance(a, Send):
+                self._send(n, a.to, a.msg)
+            elif isinstance(a, Event):
+                self.events += 1
+                if self.trace is not None:
+                    self.trace.append(f"{self.now:9.3f} [{n}] {a.kind}: {a.message}")
+        self._schedule_tick(n, max(core.next_deadline(), self.now + 0.001))
+
+    # --- faults ------------------------------------------------------------------------
+
+    def _alive(self, end: int) -> bool:
+        if end == WITNESS:
+            return self.witness is not None
+        return self.cores.get(end) is not None
+
+    def _fault(self) -> None:
+        r = self.rng.random()
+        ids = list(self.spec.nodes)
+        if r < 0.25:
+            side = set(self.rng.sample(self.ends, self.rng.randint(1, len(self.ends) - 1)))
+            for a in self.ends:
+                for b in self.ends:
+                    if (a in side) != (b in side):
+                        self.cut.add((a, b))
+            self.faults.append(f"{self.now:.1f}s partition {sorted(side)} | rest")
+
+        elif r < 0.38:
+            a, b = self.rng.sample(self.ends, 2)
+            self.cut.add((a, b))
+            self.faults.append(f"{self.now:.1f}s one-way cut {a}->{b}")
+        elif r < 0.6:
+            self.cut.clear()
+            self.faults.append(f"{self.now:.1f}s heal")
+        elif r < 0.75:
+            live = [n for n in ids if self.cores[n] is not None]
+            if live:
+                n = self.rng.choice(live)
+                self.cores[n] = None
+                self.faults.append(f"{self.now:.1f}s crash node {n}")
+        elif r < 0.9:
+            dead = [n for n in ids if self.cores[n] is None]
+            if dead:
+                self._restart(self.rng.choice(dead))
+        elif self.s.kind is QuorumKind.MAJORITY_WITNESS:
+            if self.witness is not None:
+                self.witness_saved, self.witness = self.witness, None
+                self.faults.append(f"{self.now:.1f}s crash witness")
+            elif self.witness_saved is not None:
+                self.witness, self.witness_saved = self.witness_saved, None
+                self.faults.append(f"{self.now:.1f}s restart witness")
+
+    def _note(self, text: str) -> None:
+        if self.trace is not None:
+            self.trace.append(f"{self.now:9.3f} FAULT {text}")
+
+    def _restart(self, n: int) -> None:
+        self.cores[n] = NodeCore(n, self.spec, self.persisted[n], self.now)
+        self.faults.append(f"{self.now:.1f}s restart node {n}")
+        self._tick_at.pop(n, None)
+        self._schedule_tick(n, self.now)
+
+    # --- the checker -------------------------------------------------------------------
+
+    def _fail(self, what: str) -> SafetyViolation:
+        recent = "; ".join(self.faults[-6:])
+        if self.trace is not None:
+            self.trace.append(f"{self.now:9.3f} VIOLATION {what}")
+        return SafetyViolation(
+            f"seed {self.seed}, t={self.now:.3f}s: {what} (recent faults: {recent})"
+        )
+
+    def _linked(self, a: int, b: int) -> bool:
+        return self._alive(b) and (a, b) not in self.cut and (b, a) not in self.cut
+
+    def _quorum_path(self, n: int) -> bool:
+        """Can node ``n`` reach a quorum of votes over working two-way links
+        (through other nodes too; the witness's vote reaches the members
+        through whichever of them talks to it)?"""
+        component = {n}
+        todo = [n]
+        while todo:
+            a = todo.pop()
+            for b in self.spec.nodes:
+                if b not in component and self._linked(a, b):
+                    component.add(b)
+                    todo.append(b)
+        witness = self.s.kind is QuorumKind.MAJORITY_WITNESS and any(
+            self._linked(m, WITNESS) for m in component
+        )
+        return decide(self.s.kind, self.spec.nodes, component, witness_vote=witness).has_quorum
+
+    def check(self) -> None:
+        now = self.now
+        acting_views: dict[View, list[int]] = {}
+        lockers = []
+        for n, core in self.cores.items():
+            if core is None:
+                continue
+            if self._quorum_path(n):
+                self.last_quorum_path[n] = now
+            if core.acting(now):
+                acting_views.setdefault(core.view, []).append(n)
+                cut_for = now - self.last_quorum_path[n]
+                bound = self.spec.stop_bound_s + self.s.slow_delay_s
+                if cut_for > bound:
+                    raise self._fail(
+                        f"node {n} still acts {cut_for:.2f}s after losing every path to a "
+                        f"quorum (bound {bound:.2f}s)"
+                    )
+            if core.installed:
+                known = self.view_members.setdefault(core.view, core.members)
+                if known != core.members:
+                    raise self._fail(
+                        f"node {n} has view {core.view} with members {sorted(core.members)}, "
+                        f"another node with {sorted(known)}"
+                    )
+                if core.is_locker:
+                    lockers.append(core)
+            for e in core.committed():
+                uid = self.history.setdefault(e.index, e.uid)
+                if uid != e.uid:
+                    raise self._fail(
+                        f"node {n} committed {e.uid} at index {e.index}, another node {uid}"
+                    )
+        if len(acting_views) > 1:
+            raise self._fail(f"two views act at once: {acting_views}")
+        latest = max(self.view_members, default=NO_VIEW)
+        for core in lockers:
+            if core.view != latest:
+                continue  # a superseded locker cannot commit; its view's log is stale
+            log = core.disk.log
+            for index, uid in self.history.items():
+                if index > len(log) or log[index - 1].uid != uid:
+                    raise self._fail(
+                        f"locker {core.id} of view {core.view} lost committed update "
+                        f"{uid} at index {index} (its log has {len(log)})"
+                    )
+
+    # --- the run -----------------------------------------------------------------------
+
+    def _submit(self) -> None:
+        live = [n for n in self.spec.nodes if self.cores[n] is not None]
+        if not live:
+            return
+        n = self.rng.choice(live)
+        self._uid += 1
+        core = self.cores[n]
+        assert core is not None
+        self._run_actions(n, core.submit(f"u{self._uid}", {"set": self._uid}, self.now))
+
+    def _step(self, kind: str, data: Any) -> None:
+        if kind == "tick":
+            n = data
+            core = self.cores.get(n)
+            if core is None or self._tick_at.get(n) != self.now:
+                return
+            self._run_actions(n, core.on_tick(self.now))
+        elif kind == "deliver":
+            src, dst, msg = data
+            if dst == WITNESS:
+                if self.witness is None:
+                    return
+                assert isinstance(msg, VoteRequest)
+                self._send(WITNESS, src, self.witness.on_request(msg, self.now))
+                return
+            core = self.cores.get(dst)
+            if core is None:
+                return
+            self._run_actions(dst, core.on_message(src, msg, self.now))
+        elif kind == "fault":
+            if not self.settling:
+                before = len(self.faults)
+                self._fault()
+                for text in self.faults[before:]:
+                    self._note(text)
+                self._push(self.now + self.rng.expovariate(1 / self.s.fault_every_s), "fault", None)
+        elif kind == "submit":
+            if self.now < self.s.duration_s - self.s.settle_s / 3:  # then let it converge
+                self._submit()
+            self._push(self.now + self.rng.expovariate(1 / self.s.submit_every_s), "submit", None)
+
+    def run(self, on_step: Callable[[Simulation], None] | None = None) -> SimResult:
+        self._push(self.rng.expovariate(1 / self.s.fault_every_s), "fault", None)
+        self._push(self.rng.uniform(0, self.s.submit_every_s), "submit", None)
+        end = self.s.duration_s
+        settle_at = end - self.s.settle_s
+        while self._queue:
+            at, _, kind, data = heapq.heappop(self._queue)
+            if at > end:
+                break
+            if not self.settling and at >= settle_at:
+                self._settle()
+            self.now = at
+            self._step(kind, data)
+            self.steps += 1
+            self.check()
+            if on_step is not None:
+                on_step(self)
+        self.now = end
+        self.check()
+        self._check_settled()
+        return SimResult(
+            seed=self.seed,
+            steps=self.steps,
+            committed=len(self.history),
+            views_formed=len(self.view_members),
+            regroups=sum(c.regroups_started for c in self.cores.values() if c is not None),
+            faults=self.faults,
+            events=self.events,
+            final_view=next(c.view for c in self.cores.values() if c is not None),
+        )
+
+    def _settle(self) -> None:
+        self.settling = True
+        self.cut.clear()
+        self.faults.append(f"{self.now:.1f}s settle: heal, restart everything")
+        for n in self.spec.nodes:
+            if self.cores[n] is None:
+                self._restart(n)
+        if self.s.kind is QuorumKind.MAJORITY_WITNESS and self.witness is None:
+            self.witness, self.witness_saved = self.witness_saved, None
+
+    def _check_settled(self) -> None:
+        cores = [c for c in self.cores.values() if c is not None]
+        views = {c.view for c in cores}
+        not_acting = [c.id for c in cores if not c.acting(self.now)]
+        if len(views) != 1 or not_acting or NO_VIEW in views:
+            raise self._fail(
+                f"after {self.s.settle_s:.0f}s healed: views {sorted(views)}, "
+                f"not acting {not_acting}"
+            )
+        logs = {tuple(e.uid for e in c.committed()) for c in cores}
+        if len(logs) != 1:
+            raise self._fail("after healing the nodes' committed logs differ")
+        (log,) = logs
+        if list(log) != [self.history[i] for i in range(1, len(self.history) + 1)]:
+            raise self._fail("after healing the committed log is not the one history")
+
+
+def committed_entries(sim: Simulation) -> list[Entry]:
+    """The committed log of the first live node (for reports)."""
+    for c in sim.cores.values():
+        if c is not None:
+            return c.committed()
+    return []
