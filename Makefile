@@ -3,10 +3,10 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-DEBS    := libnbd-bin qemu-utils fio nbdkit fuse3 e2fsprogs mount util-linux
+DEBS    := libnbd-bin qemu-utils fio nbdkit fuse3 e2fsprogs mount util-linux postgresql
 DEBSTAMP := $(VENV)/.debs
 
-.PHONY: all venv debs test lint demo bench crash clean
+.PHONY: all venv debs test lint demo bench crash sim clean
 
 all: test
 
@@ -42,6 +42,11 @@ test: $(STAMP) $(DEBSTAMP) lint
 
 demo: $(STAMP) $(DEBSTAMP)
 	$(VENV)/bin/geoclus demo
+
+# The long cluster simulation run (CI runs 120 seeds per quorum kind in `make test`).
+sim: $(STAMP)
+	$(VENV)/bin/geoclus sim --kind majority --seeds 2000 --duration 240
+	$(VENV)/bin/geoclus sim --kind majority+witness --seeds 2000 --duration 240
 
 bench: $(STAMP) $(DEBSTAMP)
 	$(VPY) -m pip install -q -e '.[test,bench]'

@@ -461,12 +461,14 @@ def stop(config_path: str) -> None:
 
 def _attach_subcommands() -> None:
     from geoclus.ca_cli import ca
+    from geoclus.cluster.sim_cli import sim
     from geoclus.demo import demo
     from geoclus.linkemu_cli import linkemu
 
     main.add_command(ca)
     main.add_command(linkemu)
     main.add_command(demo)
+    main.add_command(sim)
 
 
 _attach_subcommands()
