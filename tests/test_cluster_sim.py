@@ -121,3 +121,13 @@ def test_checker_catches_votes_that_never_expire(broken: pytest.MonkeyPatch) -> 
 def test_default_settings_are_the_seeds_timers() -> None:
     t = SimSettings().timers
     assert t.heartbeat_interval_s == 1.2 and t.regroup_answer_timeout_s == 4.0
+
+
+@pytest.mark.parametrize("seed", [1214, 1378])
+def test_regression_seeds_from_long_runs(seed: int) -> None:
+    """Seeds a long `make sim` run found: a coordinator of one node in a
+    four-node cluster installed a view with the witness's grant although one
+    node and the witness are 2 of 5 votes; that view then lacked committed
+    updates. It must now refuse to form the view."""
+    settings = settings_for_seed(seed, QuorumKind.MAJORITY_WITNESS, duration_s=240.0, settle_s=90.0)
+    Simulation(seed, settings).run()

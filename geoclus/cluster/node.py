@@ -522,6 +522,10 @@ class NodeCore:
             if not msg.granted:
                 self._fail_view_change(now, f"witness refused: {msg.reason}", out)
                 return
+            with_witness = decide(self.spec.kind, self.spec.nodes, vc.promises, witness_vote=True)
+            if not with_witness.has_quorum:
+                self._fail_view_change(now, f"no quorum: {with_witness.reason}", out)
+                return
             vc.witness_reply = msg
             vc.witness_reply_at = now
             self._witness_until = msg.echo + msg.lease_s
