@@ -461,6 +461,7 @@ def stop(config_path: str) -> None:
 
 def _attach_subcommands() -> None:
     from geoclus.ca_cli import ca
+    from geoclus.cluster.cli import cluster
     from geoclus.cluster.sim_cli import sim
     from geoclus.demo import demo
     from geoclus.linkemu_cli import linkemu
@@ -469,6 +470,7 @@ def _attach_subcommands() -> None:
     main.add_command(linkemu)
     main.add_command(demo)
     main.add_command(sim)
+    main.add_command(cluster)
 
 
 _attach_subcommands()
