@@ -10,8 +10,10 @@ was requested, however many flushes were waiting.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -68,6 +70,16 @@ class StoreOp:
 
 # Writes applied by one worker call at most (bounds a batch's time and size).
 MAX_WRITE_BATCH = 64
+
+# Plain (non-FUA) writes up to this size are applied by :meth:`AsyncStore.apply`
+# on the event loop itself, a buffered pwrite() into the page cache: a thread
+# hop costs several times what such a write does. 0 turns this off.
+INLINE_WRITE_MAX_BYTES = 64 * 1024
+# A buffered write can still block (dirty-page throttling, a page under
+# writeback, block allocation): an inline write that took longer than this
+# sends every write through the worker threads for INLINE_BACKOFF_S.
+INLINE_WRITE_SLOW_S = 0.002
+INLINE_BACKOFF_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -192,6 +204,12 @@ class FileStore:
         Returns None if the data is not all cached (or the kernel cannot tell);
         the caller then reads from a worker thread. Safe on the event loop.
         """
+        buf = self.read_nowait_buffer(offset, length)
+        return None if buf is None else bytes(buf)
+
+    def read_nowait_buffer(self, offset: int, length: int) -> bytearray | None:
+        """:meth:`read_nowait` into a new bytearray the caller owns (no copy
+        to ``bytes``, which costs as much as the read for large ranges)."""
         if not self._nowait_ok:
             return None
         self.check(offset, length)
@@ -205,7 +223,7 @@ class FileStore:
                 self._nowait_ok = False
                 return None
             raise StoreError(f"read failed at {offset} in {self.info.path}: {exc}") from exc
-        return bytes(buf) if n == length else None
+        return buf if n == length else None
 
     def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         """Write ``data`` at ``offset``; with ``fua`` durable before returning."""
@@ -367,8 +385,14 @@ class AsyncStore:
     """Trio shell over a :class:`FileStore`.
 
     Every blocking system call runs in a worker thread (a dedicated
-    :class:`~replicator.worker.BlockingWorkers` pool, created on first use);
-    only ``RWF_NOWAIT`` reads, which cannot block, run on the event loop.
+    :class:`~replicator.worker.BlockingWorkers` pool, created on first use),
+    except ``RWF_NOWAIT`` reads, which cannot block, and small non-FUA writes
+    of :meth:`apply` (up to ``inline_write_max_bytes``), buffered writes into
+    the page cache that are cheaper than the thread hop; ``fdatasync``, FUA
+    writes, zeroing and large writes always run in a worker. An inline write
+    that turns out slow (``INLINE_WRITE_SLOW_S``: the kernel throttled or
+    waited) switches inline writes off for ``INLINE_BACKOFF_S``, so a
+    congested disk stalls the event loop at most once per period.
     :meth:`flush` is a group commit:
     a flush waits for the next ``fdatasync`` that *starts* after it was
     requested, and one ``fdatasync`` serves every flush waiting at that moment.
@@ -379,8 +403,17 @@ class AsyncStore:
     after that raises :class:`StoreError`.
     """
 
-    def __init__(self, store: FileStore, io_threads: int = 4) -> None:
+    def __init__(
+        self,
+        store: FileStore,
+        io_threads: int = 4,
+        inline_write_max_bytes: int = INLINE_WRITE_MAX_BYTES,
+    ) -> None:
         self.store = store
+        self.inline_write_max_bytes = inline_write_max_bytes
+        self._inline_off_until = -math.inf
+        self.inline_writes = 0
+        self.inline_backoffs = 0
         self._sync_started = 0  # number of fdatasyncs started
         self._sync_done = 0  # number of fdatasyncs completed successfully
         self._syncing = False
@@ -416,6 +449,13 @@ class AsyncStore:
         """Run another blocking call (metadata, bitmap) on the store's workers."""
         return await self._run(fn, *args)
 
+    def read_nowait(self, offset: int, length: int) -> bytearray | None:
+        """:meth:`FileStore.read_nowait_buffer`: the data (a new bytearray the
+        caller owns) if it is all in the page cache, else None; never blocks
+        (safe on the event loop). Raises :class:`IOAlignmentError` for a bad
+        range."""
+        return self.store.read_nowait_buffer(offset, length)
+
     async def read(self, offset: int, length: int) -> bytes:
         cached = self.store.read_nowait(offset, length)
         if cached is not None:
@@ -447,9 +487,23 @@ class AsyncStore:
         waiting caller, so nobody waits for more than one batch after its own.
         Callers must not submit overlapping writes concurrently (the volume's
         overlap rule already orders them).
+
+        A non-FUA write of at most ``inline_write_max_bytes`` is written on the
+        event loop instead (see the class docstring) and has completed when
+        this returns, without a checkpoint; like any other, it may complete
+        before writes submitted earlier that are still in a batch (they do not
+        overlap it).
         """
         self._check_healthy()
         self.store.check(op.offset, op.length)
+        if (
+            op.length <= self.inline_write_max_bytes
+            and op.kind == "write"
+            and not op.fua
+            and self._inline_allowed()
+        ):
+            self._write_inline(op)
+            return
         op.done = trio.Event()
         self._ops.append(op)
         if self._ops_busy:
@@ -459,6 +513,29 @@ class AsyncStore:
                     raise op.error
                 return
         await self._lead_batch(op)
+
+    def _inline_allowed(self) -> bool:
+        if self._inline_off_until < 0:
+            return True
+        if time.monotonic() < self._inline_off_until:
+            return False
+        self._inline_off_until = -math.inf
+        return True
+
+    def _write_inline(self, op: StoreOp) -> None:
+        """Apply ``op`` (a small non-FUA write) on the calling thread; poison
+        the store on an I/O error, back off from inline writes if it was slow."""
+        t0 = time.monotonic()
+        try:
+            self.store._pwrite_all(op.offset, op.data, 0)
+        except StoreError as exc:
+            self._failed = exc
+            raise
+        self.inline_writes += 1
+        t1 = time.monotonic()
+        if t1 - t0 > INLINE_WRITE_SLOW_S:
+            self.inline_backoffs += 1
+            self._inline_off_until = t1 + INLINE_BACKOFF_S
 
     async def _lead_batch(self, own: StoreOp) -> None:
         self._ops_busy = True

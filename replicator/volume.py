@@ -622,6 +622,14 @@ class ReplicatedVolume:
     async def read(self, offset: int, length: int) -> bytes:
         return await self.store.read(offset, length)
 
+    def read_nowait(self, offset: int, length: int) -> bytearray | None:
+        """The data at ``[offset, offset + length)`` (a new bytearray the caller
+        owns) if the store can serve it without blocking (page cache), else
+        None: the NBD export's fast path for reads (:meth:`read` is the general
+        one; both see every completed write). Raises :class:`IOAlignmentError`
+        for a bad range."""
+        return self.store.read_nowait(offset, length)
+
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Extents (length, flags) of this copy's store from ``offset``: holes
         (trimmed or never written) and data (NBD ``base:allocation``)."""
@@ -700,7 +708,12 @@ class ReplicatedVolume:
         if self._closing:
             raise GeoclusError(f"volume {self.spec.name} is shutting down; write refused")
         start = trio.current_time()
-        await self._seq_lock.acquire()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            # Uncontended (the common case): no scheduler round trip.
+            self._seq_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._seq_lock.acquire()
         try:
             seq = await self._sequence(core, kind, offset, length, data, fua, start)
         except BaseException:
@@ -709,8 +722,9 @@ class ReplicatedVolume:
         blockers = self._overlap.add(seq, offset, length)
         local_done = trio.Event()
         self._local_done_events[seq] = local_done
-        done = trio.Event()
-        self._completion_events[seq] = done
+        # A write completes at its own local_done() at the earliest (then or
+        # later, on a peer's ack): its completion event is only made if it
+        # is not complete right then.
         self.in_flight_writes += 1
         self._notify()
         try:
@@ -735,14 +749,19 @@ class ReplicatedVolume:
                     await self.store.apply(StoreOp(_STORE_KIND[kind], offset, length, data, fua))
                 except BaseException:
                     core.local_failed(seq)
-                    self._completion_events.pop(seq, None)
                     raise
                 finally:
                     self._overlap.remove(seq)
                     del self._local_done_events[seq]
                     local_done.set()
-                self._complete(core.local_done(seq))
-            if not done.is_set():
+                completed = core.local_done(seq)
+                self._complete(completed)
+                if not core.is_complete(seq):
+                    done = trio.Event()
+                    self._completion_events[seq] = done
+                else:
+                    done = None
+            if done is not None:
                 await done.wait()
             now = trio.current_time()
             self.write_latency.add(now - start)

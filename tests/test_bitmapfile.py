@@ -149,15 +149,15 @@ async def test_dirty_bit_is_durable_before_the_data_lands(tmp_path, monkeypatch)
     s = spec(tmp_path, Role.PRIMARY, policy)
     vol = await ReplicatedVolume.open(s)  # never connected: writes are unreplicated
     seen: list[tuple[int, set[int]]] = []
-    real = vol.store.store.apply_ops
+    real = vol.store.store._pwrite_all
 
-    def checking(ops):
-        # At the moment data reaches the store, read the bitmap file afresh.
-        for op in ops:
-            seen.append((op.offset // REGION, regions_of(s.bitmap_file_path, 4 << 20)))
-        real(ops)
+    def checking(offset, data, flags):
+        # At the moment data reaches the store (inline or in a worker batch:
+        # both write through _pwrite_all), read the bitmap file afresh.
+        seen.append((offset // REGION, regions_of(s.bitmap_file_path, 4 << 20)))
+        real(offset, data, flags)
 
-    monkeypatch.setattr(vol.store.store, "apply_ops", checking)
+    monkeypatch.setattr(vol.store.store, "_pwrite_all", checking)
     async with trio.open_nursery() as n:
         for i in (0, 5, 5, 17, 63):
             n.start_soon(vol.write, i * REGION + 512, b"\x01" * 512)

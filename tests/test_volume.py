@@ -350,9 +350,54 @@ async def test_a_failed_local_write_poisons_the_store(tmp_path, monkeypatch) -> 
     def eio(*args):
         raise StoreError("injected EIO")
 
-    monkeypatch.setattr(vol.store.store, "apply_ops", eio)
+    # Both paths (inline and worker batch) write through _pwrite_all.
+    monkeypatch.setattr(vol.store.store, "_pwrite_all", eio)
     with pytest.raises(StoreError, match="injected"):
         await vol.write(0, b"\x01" * 512)
     monkeypatch.undo()
     with pytest.raises(StoreError, match="no longer trusted"):
         await vol.write(512, b"\x02" * 512)
+
+
+async def test_inline_write_waits_for_an_earlier_overlapping_batched_write(
+    tmp_path, monkeypatch
+) -> None:
+    """A small write (applied inline on the event loop) that overlaps an earlier
+    write still in a worker batch waits for it: the later data wins, and the
+    later write is not acknowledged first."""
+    import threading
+
+    policy = ReplicationPolicy(mode=Mode.ASYNC)
+    vol = await ReplicatedVolume.open(spec(tmp_path, "a", Role.PRIMARY, policy))
+    assert vol.store.inline_write_max_bytes >= 4096
+    gate = threading.Event()
+    real = vol.store.store.apply_ops
+
+    def gated(ops):
+        gate.wait(10)
+        real(ops)
+
+    monkeypatch.setattr(vol.store.store, "apply_ops", gated)
+    big = vol.store.inline_write_max_bytes * 2  # goes to a worker batch
+    done: list[str] = []
+
+    async def write(tag: str, offset: int, data: bytes) -> None:
+        await vol.write(offset, data)
+        done.append(tag)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(write, "big", 0, b"\x01" * big)
+        await trio.testing.wait_all_tasks_blocked()
+        n.start_soon(write, "small", 4096, b"\x02" * 4096)
+        n.start_soon(write, "apart", big, b"\x03" * 4096)  # no overlap: not held back
+        await wait_for(lambda: done == ["apart"])
+        await trio.testing.wait_all_tasks_blocked()
+        assert done == ["apart"]
+        assert vol.store.store.read(4096, 4096) == bytes(4096)  # nothing overtook
+        gate.set()
+    assert done == ["apart", "big", "small"]
+    assert vol.store.store.read(0, 4096) == b"\x01" * 4096
+    assert vol.store.store.read(4096, 4096) == b"\x02" * 4096
+    assert vol.store.store.read(8192, big - 8192) == b"\x01" * (big - 8192)
+    assert vol.store.store.read(big, 4096) == b"\x03" * 4096
+    await vol.close()

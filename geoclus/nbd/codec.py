@@ -360,8 +360,8 @@ def encode_none_chunk(cookie: int) -> bytes:
 
 
 def encode_offset_data_chunk(
-    cookie: int, offset: int, data: bytes, *, done: bool = True
-) -> tuple[bytes, bytes]:
+    cookie: int, offset: int, data: bytes | bytearray, *, done: bool = True
+) -> tuple[bytes, bytes | bytearray]:
     """Encode ``NBD_REPLY_TYPE_OFFSET_DATA`` for ``data`` read at ``offset``.
 
     Returns the buffers to send in order: the header with the offset, then
@@ -773,9 +773,9 @@ class NbdServerCodec:
         self,
         request: RequestEvent,
         error: int = p.NBD_SUCCESS,
-        data: bytes | None = None,
+        data: bytes | bytearray | None = None,
         message: str = "",
-    ) -> tuple[bytes, ...]:
+    ) -> tuple[bytes | bytearray, ...]:
         """Return the buffers that answer ``request``; send them in order with no
         other bytes in between.
 
@@ -787,9 +787,10 @@ class NbdServerCodec:
         every chunk has ``NBD_REPLY_FLAG_DONE``.
 
         The caller guarantees a successful READ's ``data`` is exactly the requested
-        length. Raises ``ValueError`` for a reply to ``NBD_CMD_DISC`` (it has none)
-        and for a successful :class:`BlockStatusRequest` (use
-        :meth:`encode_block_status_reply`).
+        length; it is one of the buffers returned, not copied (a bytearray must
+        not change until it is sent). Raises ``ValueError`` for a reply to
+        ``NBD_CMD_DISC`` (it has none) and for a successful
+        :class:`BlockStatusRequest` (use :meth:`encode_block_status_reply`).
         """
         command = request.command
         if command == p.NBD_CMD_DISC:
