@@ -1,0 +1,92 @@
+"""geoclus/cluster/configdb.py: the configuration database applies updates in
+log order, refuses bad ones without changing, and a checkpoint plus the log
+after it gives exactly the same database as the whole log."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from geoclus.cluster.configdb import ConfigDb, ConfigDbError
+
+keys = st.sampled_from(["group.db.owner", "group.db.preferred", "res.ip", "timers.x"])
+updates = st.one_of(
+    st.builds(lambda k, v: {"op": "set", "key": k, "value": v}, keys, st.integers() | st.text()),
+    st.builds(lambda k: {"op": "delete", "key": k}, keys),
+    st.builds(lambda n: {"op": "pause", "node": n}, st.sampled_from(["a1", "b1"])),
+    st.builds(lambda n: {"op": "resume", "node": n}, st.sampled_from(["a1", "b1"])),
+    st.builds(lambda n: {"op": "evict", "node": n}, st.sampled_from(["a1", "b1"])),
+)
+
+
+@given(st.lists(updates, max_size=40), st.data())
+def test_checkpoint_plus_replay_equals_the_whole_log(log: list, data: st.DataObject) -> None:
+    whole = ConfigDb("prod")
+    for i, u in enumerate(log, 1):
+        whole.apply(i, u)
+    k = data.draw(st.integers(0, len(log)))
+    part = ConfigDb("prod")
+    for i, u in enumerate(log[:k], 1):
+        part.apply(i, u)
+    restored = ConfigDb.from_checkpoint(part.checkpoint(), cluster="prod")
+    for i, u in enumerate(log[k:], k + 1):
+        restored.apply(i, u)
+    assert restored.state() == whole.state()
+    assert restored.version == len(log)
+
+
+def test_updates_apply_in_order_only() -> None:
+    db = ConfigDb("prod")
+    db.apply(1, {"op": "set", "key": "a", "value": 1})
+    with pytest.raises(ConfigDbError, match="out of order"):
+        db.apply(3, {"op": "set", "key": "a", "value": 2})
+    with pytest.raises(ConfigDbError, match="out of order"):
+        db.apply(1, {"op": "set", "key": "a", "value": 2})  # a replay
+    assert db.values == {"a": 1} and db.version == 1
+
+
+@pytest.mark.parametrize(
+    ("update", "problem"),
+    [
+        ({"op": "grow"}, "unknown update op"),
+        ({"op": "set", "key": "a"}, "takes exactly"),
+        ({"op": "set", "key": "a", "value": 1, "x": 2}, "takes exactly"),
+        ({"op": "set", "key": "", "value": 1}, "non-empty string"),
+        ({"op": "set", "key": "a", "value": float("nan")}, "not JSON"),
+        ({"op": "set", "key": "a", "value": "x" * 70000}, "over"),
+        ({"op": "evict", "node": ""}, "node name"),
+        (["set", "a", 1], "must be a table"),
+    ],
+)
+def test_bad_updates_change_nothing(update: object, problem: str) -> None:
+    db = ConfigDb("prod")
+    db.apply(1, {"op": "set", "key": "a", "value": 1})
+    before = db.state()
+    with pytest.raises(ConfigDbError, match=problem):
+        db.apply(2, update)
+    assert db.state() == before
+
+
+def test_evict_pause_resume() -> None:
+    db = ConfigDb("prod")
+    db.apply(1, {"op": "pause", "node": "b1"})
+    assert db.paused == {"b1"}
+    db.apply(2, {"op": "evict", "node": "b1"})
+    assert db.evicted == {"b1"} and db.paused == set()
+
+
+def test_corrupt_truncated_and_foreign_backups_are_refused() -> None:
+    db = ConfigDb("prod")
+    db.apply(1, {"op": "set", "key": "a", "value": [1, 2]})
+    good = db.checkpoint()
+    assert ConfigDb.from_checkpoint(good).state() == db.state()
+    with pytest.raises(ConfigDbError, match="truncated"):
+        ConfigDb.from_checkpoint(good[: len(good) // 2])
+    corrupt = good.replace(b"[1,2]", b"[1,3]")
+    with pytest.raises(ConfigDbError, match="checksum mismatch"):
+        ConfigDb.from_checkpoint(corrupt)
+    with pytest.raises(ConfigDbError, match="cluster 'prod', this is cluster 'test'"):
+        ConfigDb.from_checkpoint(good, cluster="test")
+    with pytest.raises(ConfigDbError, match="no geoclus-configdb header"):
+        ConfigDb.from_checkpoint(b'{"format": "other"}')
