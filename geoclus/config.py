@@ -368,18 +368,23 @@ def _export_tls(r: _Reader, exp: dict[str, Any]) -> TlsConfig | None:
     return TlsConfig(files["ca"], files["cert"], files["key"])
 
 
-def load_config(path: str) -> DaemonConfig:
-    """Read and validate ``path``; raise ConfigError naming the key on any problem."""
+def read_toml(path: str) -> dict[str, Any]:
+    """The TOML document in ``path``; ConfigError (key ``-``) if it cannot be
+    read or parsed."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(path, "-", "file not found") from None
     except OSError as exc:
         raise ConfigError(path, "-", f"cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, "-", f"not valid TOML: {exc}") from None
-    return parse_config(data, path)
+
+
+def load_config(path: str) -> DaemonConfig:
+    """Read and validate ``path``; raise ConfigError naming the key on any problem."""
+    return parse_config(read_toml(path), path)
 
 
 def _volume_tables(r: _Reader) -> list[tuple[str, dict[str, Any]]]:

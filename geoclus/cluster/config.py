@@ -47,33 +47,34 @@ Example (written by ``geoclus cluster init``)::
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from typing import Any
 
 from geoclus.cluster.node import ClusterSpec, ClusterTimers
-from geoclus.config import Endpoint, parse_endpoint
+from geoclus.config import Endpoint, parse_endpoint, read_toml
 from geoclus.errors import ConfigError
 from quorum.votes import QuorumKind
 
+# The [timers] keys, in the order `cluster init` writes them.
+TIMER_KEYS = (
+    "heartbeat_interval_s",
+    "missed_heartbeats_same_site",
+    "missed_heartbeats_cross_site",
+    "regroup_answer_timeout_s",
+    "update_timeout_s",
+    "min_arbitration_s",
+    "max_arbitration_s",
+    "rtt_budget_us",
+    "rtt_sustained_s",
+    "snapshot_interval_s",
+)
 _ALLOWED: dict[str, set[str]] = {
     "cluster": {"name", "quorum", "ca"},
     "node": {"name", "cert", "key", "state_dir"},
     "nodes": {"name", "site", "addresses"},
     "witness": {"address"},
     "quorum_disk": {"volume", "allow_over_budget"},
-    "timers": {
-        "heartbeat_interval_s",
-        "missed_heartbeats_same_site",
-        "missed_heartbeats_cross_site",
-        "regroup_answer_timeout_s",
-        "update_timeout_s",
-        "min_arbitration_s",
-        "max_arbitration_s",
-        "rtt_budget_us",
-        "rtt_sustained_s",
-        "snapshot_interval_s",
-    },
+    "timers": set(TIMER_KEYS),
 }
 MAX_NODES = 64
 MAX_NETWORKS = 4
@@ -197,16 +198,7 @@ def _number(path: str, key: str, value: Any, *, integer: bool = False, low: floa
 
 def load_cluster_config(path: str) -> ClusterConfig:
     """Read and validate ``path``; raise ConfigError naming the key on any problem."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise _fail(path, "-", "file not found") from None
-    except OSError as exc:
-        raise _fail(path, "-", f"cannot read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise _fail(path, "-", f"not valid TOML: {exc}") from None
-    return parse_cluster_config(data, path)
+    return parse_cluster_config(read_toml(path), path)
 
 
 def parse_cluster_config(data: dict[str, Any], path: str = "<memory>") -> ClusterConfig:
@@ -377,16 +369,5 @@ def starter_config(
         lines += ["", "[witness]", f'address = "{witness}"']
     t = Timers()
     lines += ["", "[timers]"]
-    for k in (
-        "heartbeat_interval_s",
-        "missed_heartbeats_same_site",
-        "missed_heartbeats_cross_site",
-        "regroup_answer_timeout_s",
-        "update_timeout_s",
-        "min_arbitration_s",
-        "max_arbitration_s",
-        "rtt_budget_us",
-        "snapshot_interval_s",
-    ):
-        lines.append(f"{k} = {getattr(t, k)!r}")
+    lines += [f"{k} = {getattr(t, k)!r}" for k in TIMER_KEYS]
     return "\n".join(lines) + "\n"
