@@ -90,12 +90,9 @@ class NodeEntry:
 
 
 @dataclass(frozen=True)
-class Timers:
-    heartbeat_interval_s: float = 1.2
-    missed_heartbeats_same_site: int = 5
-    missed_heartbeats_cross_site: int = 8
-    regroup_answer_timeout_s: float = 4.0
-    update_timeout_s: float = 8.0
+class Timers(ClusterTimers):
+    """The node core's timers plus the arbitration, budget and snapshot ones."""
+
     min_arbitration_s: float = 7.0
     max_arbitration_s: float = 60.0
     rtt_budget_us: float = 500.0
@@ -129,18 +126,11 @@ class ClusterConfig:
     def spec(self) -> ClusterSpec:
         """The core's view of this configuration."""
         ids = self.node_ids
-        t = self.timers
         return ClusterSpec(
             nodes=tuple(ids.values()),
             sites={ids[n.name]: n.site for n in self.nodes},
             kind=self.quorum,
-            timers=ClusterTimers(
-                heartbeat_interval_s=t.heartbeat_interval_s,
-                missed_heartbeats_same_site=t.missed_heartbeats_same_site,
-                missed_heartbeats_cross_site=t.missed_heartbeats_cross_site,
-                regroup_answer_timeout_s=t.regroup_answer_timeout_s,
-                update_timeout_s=t.update_timeout_s,
-            ),
+            timers=self.timers,
         )
 
 
