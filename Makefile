@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-DEBS    := libnbd-bin qemu-utils fio nbdkit fuse3 e2fsprogs mount util-linux postgresql
+DEBS    := libnbd-bin qemu-utils fio nbdkit fuse3 e2fsprogs mount util-linux postgresql nftables iproute2
 DEBSTAMP := $(VENV)/.debs
 
 .PHONY: all venv debs test lint demo bench crash sim clean

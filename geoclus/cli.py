@@ -461,7 +461,7 @@ def stop(config_path: str) -> None:
 
 def _attach_subcommands() -> None:
     from geoclus.ca_cli import ca
-    from geoclus.cluster.cli import cluster
+    from geoclus.cluster.cli import cluster, node, witness
     from geoclus.cluster.sim_cli import sim
     from geoclus.demo import demo
     from geoclus.linkemu_cli import linkemu
@@ -471,6 +471,8 @@ def _attach_subcommands() -> None:
     main.add_command(demo)
     main.add_command(sim)
     main.add_command(cluster)
+    main.add_command(node)
+    main.add_command(witness)
 
 
 _attach_subcommands()

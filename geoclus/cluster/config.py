@@ -331,9 +331,11 @@ def starter_config(
     nodes: list[tuple[str, str, str]],
     quorum: QuorumKind,
     witness: str | None,
+    timers: Timers | None = None,
 ) -> str:
     """The TOML ``geoclus cluster init`` writes for ``node`` (``nodes`` as
-    (name, site, address) triples; certificates under ``ca/``)."""
+    (name, site, address) triples; certificates under ``ca/``; the state in
+    ``state-NODE`` so that several nodes can share one directory in tests)."""
     lines = [
         "# geoclus cluster configuration (docs/cluster.md). Every key is checked at start.",
         "[cluster]",
@@ -345,7 +347,7 @@ def starter_config(
         f'name = "{node}"',
         f'cert = "ca/{node}.crt"',
         f'key = "ca/{node}.key"',
-        'state_dir = "state"',
+        f'state_dir = "state-{node}"',
     ]
     for name, site, address in nodes:
         lines += [
@@ -357,7 +359,7 @@ def starter_config(
         ]
     if witness is not None:
         lines += ["", "[witness]", f'address = "{witness}"']
-    t = Timers()
+    t = timers or Timers()
     lines += ["", "[timers]"]
     lines += [f"{k} = {getattr(t, k)!r}" for k in TIMER_KEYS]
     return "\n".join(lines) + "\n"

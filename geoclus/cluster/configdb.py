@@ -8,7 +8,10 @@ Every committed log entry carries one update, a dict with an ``op``:
 * ``{"op": "delete", "key": K}``;
 * ``{"op": "evict", "node": NAME}``: the node leaves the configuration and its
   certificate is refused from then on;
-* ``{"op": "pause", "node": NAME}`` / ``{"op": "resume", "node": NAME}``.
+* ``{"op": "pause", "node": NAME}`` / ``{"op": "resume", "node": NAME}``;
+* ``{"op": "restore", "values": {...}, "evicted": [...], "paused": [...],
+  "from_version": N}``: ``geoclus cluster restore``: the whole database is
+  replaced by a backup's contents, as one update (atomic, in log order).
 
 :class:`ConfigDb` applies entries strictly in log order (an entry whose index
 is not the next one is refused) and is *versioned*: ``version`` is the index
@@ -75,6 +78,10 @@ class ConfigDb:
             self.paused.add(change["node"])
         elif op == "resume":
             self.paused.discard(change["node"])
+        elif op == "restore":
+            self.values = dict(change["values"])
+            self.evicted = set(change["evicted"])
+            self.paused = set(change["paused"])
         self.version = index
 
     def state(self) -> dict[str, Any]:
@@ -136,7 +143,13 @@ _FIELDS = {
     "evict": {"op", "node"},
     "pause": {"op", "node"},
     "resume": {"op", "node"},
+    "restore": {"op", "values", "evicted", "paused", "from_version"},
 }
+
+
+def validate_update(update: Any) -> dict[str, Any]:
+    """``update`` if it is a well-formed update, else ConfigDbError naming the problem."""
+    return _validate(update)
 
 
 def _validate(update: Any) -> dict[str, Any]:
@@ -145,7 +158,9 @@ def _validate(update: Any) -> dict[str, Any]:
     op = update.get("op")
     need = _FIELDS.get(op) if isinstance(op, str) else None
     if need is None:
-        raise ConfigDbError(f"unknown update op {op!r} (set, delete, evict, pause, resume)")
+        raise ConfigDbError(
+            f"unknown update op {op!r} (set, delete, evict, pause, resume, restore)"
+        )
     if set(update) != need:
         raise ConfigDbError(f"update {op} takes exactly {sorted(need)}, got {sorted(update)}")
     if "key" in update:
@@ -161,4 +176,21 @@ def _validate(update: Any) -> dict[str, Any]:
             raise ConfigDbError(f"value of {update['key']!r} is not JSON: {exc}") from None
         if len(text) > MAX_VALUE_BYTES:
             raise ConfigDbError(f"value of {update['key']!r} is over {MAX_VALUE_BYTES} bytes")
+    if op == "restore":
+        _validate_restore(update)
     return update
+
+
+def _validate_restore(update: dict[str, Any]) -> None:
+    values = update["values"]
+    if not isinstance(values, dict) or len(values) > MAX_KEYS:
+        raise ConfigDbError(f"restore: values must be a table of at most {MAX_KEYS} keys")
+    for key, value in values.items():
+        _validate({"op": "set", "key": key, "value": value})
+    for name in ("evicted", "paused"):
+        nodes = update[name]
+        if not isinstance(nodes, list) or not all(isinstance(n, str) and n for n in nodes):
+            raise ConfigDbError(f"restore: {name} must be a list of node names")
+    v = update["from_version"]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ConfigDbError("restore: from_version must be a version number")

@@ -91,6 +91,7 @@ class NewView:
     log: tuple[Entry, ...]
     commit: int
     act_wait_s: float
+    forced: bool = False  # the view exists by force-quorum (members keep the override)
 
 
 @dataclass(frozen=True, slots=True)

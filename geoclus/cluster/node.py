@@ -70,7 +70,7 @@ from geoclus.cluster.messages import (
     Submit,
     View,
 )
-from quorum.votes import QuorumKind, commit_needed, decide
+from quorum.votes import QuorumDecision, QuorumKind, commit_needed, decide
 from quorum.witness import VoteReply, VoteRequest
 
 WITNESS = -2  # the witness's address in Send actions
@@ -150,6 +150,7 @@ class Disk:
     members: frozenset[int] = frozenset()
     log: list[Entry] = field(default_factory=list)
     commit: int = 0
+    forced: bool = False  # an operator forced quorum (force-quorum); cleared by a natural quorum
 
     def copy(self) -> Disk:
         return dataclasses.replace(self, log=list(self.log))
@@ -166,6 +167,10 @@ class _ViewChange:
     witness_asked_at: float | None = None
     witness_reply: VoteReply | None = None
     witness_reply_at: float = 0.0
+
+
+class ForceRefused(Exception):
+    """force-quorum was refused; the message says why and what to do."""
 
 
 class NodeCore:
@@ -200,6 +205,7 @@ class NodeCore:
         self._witness_recorded = ((0, 0), 0)
         self._was_acting = False
         self.regroups_started = 0
+        self._now = now
 
     # --- queries ---------------------------------------------------------------------
 
@@ -227,12 +233,21 @@ class NodeCore:
         """May this node run resources now?"""
         if not self.installed or now < self.act_after:
             return False
+        return self.quorum(now).has_quorum
+
+    def quorum(self, now: float) -> QuorumDecision:
+        """The quorum decision for my view now (what status shows)."""
         return decide(
             self.spec.kind,
             self.spec.nodes,
             self.fresh_voters(now),
             witness_vote=self._witness_until > now,
-        ).has_quorum
+            forced=self.disk.forced,
+        )
+
+    def witness_vote_s(self, now: float) -> float:
+        """How much longer this node counts the witness's vote for its view."""
+        return max(0.0, self._witness_until - now) if self.installed else 0.0
 
     def committed(self) -> list[Entry]:
         return self.disk.log[: self.disk.commit]
@@ -244,6 +259,50 @@ class NodeCore:
         locker of an acting view appends it; another node forwards it to its
         locker; a node in no view queues it (bounded) until it has one."""
         return self._submit(Submit(uid, payload), now)
+
+    def force_quorum(self, site: str, now: float) -> list[Action]:
+        """Operator override (``geoclus cluster force-quorum --site S``) for a
+        cluster that cannot reach quorum, e.g. two sites with no witness after
+        losing one. Raises :class:`ForceRefused` (nothing changes) unless this
+        node is at ``site``, is not acting already, and hears no node of any
+        other site: the guard against forcing while the other side may still
+        run. Otherwise the partition forms a view whatever its votes; the
+        flag travels with its views and clears as soon as a view forms with a
+        natural quorum (the other site rejoining)."""
+        mine = self.spec.sites.get(self.id)
+        if site != mine:
+            raise ForceRefused(
+                f"this node is at site {mine}, not {site}: run it on a node of {site}"
+            )
+        seen = sorted(n for n in self.reachable(now) if self.spec.sites.get(n) != site)
+        if seen:
+            raise ForceRefused(
+                f"node(s) {seen} of another site still answer heartbeats: forcing now could "
+                "give both sites quorum; stop them or cut them off first"
+            )
+        if self.acting(now):
+            raise ForceRefused(f"this node has quorum already ({self.quorum(now).reason})")
+        out: list[Action] = [Event("quorum", f"node {self.id}: quorum FORCED for site {site}")]
+        self.disk.forced = True
+        out.append(Persist())
+        if self._vc is not None:
+            self._vc = None
+        self._start_view_change(now, "quorum forced by the operator", out)
+        return out
+
+    def node_left(self, node: int, now: float) -> list[Action]:
+        """``node`` announced a planned exit: stop counting it at once (its
+        vote included) instead of waiting out its missed-heartbeat threshold;
+        the locker (or, if the leaver was the locker, a member) forms the next
+        view on this tick."""
+        if node == self.id or node not in self.spec.nodes:
+            return []
+        self._heard.pop(node, None)
+        self._heard_view.pop(node, None)
+        self._vote_until.pop(node, None)
+        if self._vc is None and (self.is_locker or node == self.view[1]):
+            self._next_regroup = now
+        return self._tick(now)
 
     def on_message(self, src: int, msg: Message | VoteReply, now: float) -> list[Action]:
         """Handle one message from node ``src`` (or the witness)."""
@@ -284,6 +343,12 @@ class NodeCore:
             deadlines.append(self._next_regroup)
         if self._wake_at_act is not None:
             deadlines.append(self._wake_at_act)
+        # Wake when a vote lease runs out, so losing quorum is noticed (and
+        # reported) at that moment rather than at the next ping.
+        leases = [*self._vote_until.values(), self._witness_until]
+        future = [t for t in leases if t > self._now]
+        if self.installed and future:
+            deadlines.append(min(future))
         return min(deadlines)
 
     # --- heartbeats ------------------------------------------------------------------
@@ -432,7 +497,7 @@ class NodeCore:
         vc = self._vc
         assert vc is not None
         members = frozenset(vc.promises)
-        nodes_only = decide(self.spec.kind, self.spec.nodes, members)
+        nodes_only = decide(self.spec.kind, self.spec.nodes, members, forced=self.disk.forced)
         if nodes_only.has_quorum:
             self._install_as_coordinator(now, out)
             return
@@ -481,12 +546,18 @@ class NodeCore:
         d.normal_view = vc.view
         d.members = members
         d.log = list(best.log)
+        if d.forced and (
+            decide(self.spec.kind, self.spec.nodes, members).has_quorum
+            or vc.witness_reply is not None
+        ):
+            d.forced = False
+            out.append(Event("quorum", f"view {vc.view} has quorum again: the override ends"))
         out.append(Persist())
         self._enter_view(now, wait_s, out)
         self._advance_commit(commit, out)
         self._acked = {self.id: len(d.log)}
         self._append_time = {}
-        msg = NewView(vc.view, members, tuple(d.log), commit, wait_s)
+        msg = NewView(vc.view, members, tuple(d.log), commit, wait_s, d.forced)
         for m in members - {self.id}:
             out.append(Send(m, msg))
         out.append(Event("view", f"view {vc.view} formed by {self.id}: members {sorted(members)}"))
@@ -510,6 +581,7 @@ class NodeCore:
         d.normal_view = msg.view
         d.members = msg.members
         d.log = list(msg.log)
+        d.forced = msg.forced
         out.append(Persist())
         self._enter_view(now, msg.act_wait_s, out)
         self._witness_until = 0.0
@@ -592,6 +664,8 @@ class NodeCore:
     def _try_commit(self, out: list[Action]) -> None:
         d = self.disk
         need = commit_needed(self.spec.kind, len(self.spec.nodes))
+        if d.forced:
+            need = min(need, len(d.members))  # the operator's partition: every member
         index = len(d.log)
         while index > d.commit:
             votes = sum(1 for m in d.members if self._acked.get(m, 0) >= index)
@@ -622,6 +696,7 @@ class NodeCore:
     # --- time ------------------------------------------------------------------------
 
     def _tick(self, now: float) -> list[Action]:
+        self._now = max(self._now, now)
         out: list[Action] = []
         if self._wake_at_act is not None and now >= self._wake_at_act:
             self._wake_at_act = None

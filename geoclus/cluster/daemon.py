@@ -1,0 +1,894 @@
+"""``geoclus node run``: one node's cluster service, the trio shell around
+:class:`~geoclus.cluster.node.NodeCore`.
+
+What the shell adds to the core (docs/cluster.md, "The node daemon"):
+
+* **Heartbeats** are UDP datagrams (geoclus/cluster/heartbeat.py) sent on
+  every configured private network from this node's address on it; a pong
+  goes back on the network its ping came in on. A peer is reachable while
+  any network delivers; a network that stops delivering to a peer is an
+  event, not a failover. Every pong measures the round trip on its network
+  (quorum/rtt.py keeps the window and raises the budget events).
+* **Everything else** travels over mutual TLS (geoclus/cluster/wire.py): one
+  outgoing connection per peer (and one to the witness) carries this node's
+  messages; incoming connections carry the peers'. A certificate that is not
+  a configured node of this cluster, or names an evicted node, is refused.
+  The first frame each way is a Hello carrying the heartbeat key, so a node
+  that joins receives the key over mutual TLS; evicting a node rotates it.
+* **Durability**: a ``Persist`` action is made durable (StateDir.save_disk,
+  fsync) before any message after it is sent.
+* **The configuration database** applies every committed log entry in order;
+  a checkpoint is written every ``snapshot_interval_s``.
+* **Events** (the core's, plus networks, round-trip budget and key changes)
+  are logged locally and pushed in batches to every peer, which acknowledge
+  them; every node thus holds the cluster-wide history.
+* **Control socket** (``state_dir/control.sock``): status, events, submit,
+  backup, restore, evict, leave, force-quorum, check-latency.
+
+Every queue is bounded: the inbox (``max_inbox``), each peer's outbox
+(``max_outbox``); a full queue drops the message and counts it (the core
+resends what matters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import math
+import os
+import re
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from geoclus.ca import client_ssl_context, peer_node_name, server_ssl_context
+from geoclus.cluster import wire
+from geoclus.cluster.config import ClusterConfig
+from geoclus.cluster.configdb import ConfigDb, ConfigDbError, validate_update
+from geoclus.cluster.heartbeat import DATAGRAM_BYTES, HeartbeatCodec
+from geoclus.cluster.messages import Ping, Pong
+from geoclus.cluster.node import WITNESS, Event, ForceRefused, NodeCore, Persist, Send
+from geoclus.cluster.state import StateDir
+from geoclus.config import Endpoint
+from geoclus.control import serve_control
+from geoclus.errors import GeoclusError
+from geoclus.tlsstream import TlsSocketStream, wrap_client, wrap_server
+from quorum.rtt import RttWindow, verdict
+from quorum.witness import VoteReply, VoteRequest
+
+log = logging.getLogger("geoclus.cluster")
+
+CONNECT_TIMEOUT_S = 2.0
+HELLO_TIMEOUT_S = 5.0
+RECONNECT_S = 0.5
+EVENT_BATCH_MAX = 256
+WITNESS_NAME = "witness"
+_LINK_ERRORS = (trio.BrokenResourceError, trio.TooSlowError, wire.WireError, GeoclusError)
+
+
+@dataclass
+class _Peer:
+    id: int
+    name: str
+    site: str
+    addresses: tuple[Endpoint, ...]
+    outbox_send: trio.MemorySendChannel[Any]
+    outbox_recv: trio.MemoryReceiveChannel[Any]
+    connected: bool = False
+    pong_at: dict[int, float] = field(default_factory=dict)  # network -> last pong (trio time)
+    net_up: dict[int, bool] = field(default_factory=dict)
+    rtt: dict[int, RttWindow] = field(default_factory=dict)
+    events_acked: tuple[int, int] = (0, 0)
+    epoch: int = 0
+    probes: dict[float, int] | None = None  # check-latency: ping sent_at -> network
+    probe_rtts: dict[int, list[float]] = field(default_factory=dict)
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+class NodeDaemon:
+    """One node's cluster service; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: ClusterConfig,
+        *,
+        control_path: str | None = None,
+        max_inbox: int = 4096,
+        max_outbox: int = 1024,
+        max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
+    ) -> None:
+        self.cfg = cfg
+        self.spec = cfg.spec()
+        self.ids = cfg.node_ids
+        self.names = {i: n for n, i in self.ids.items()}
+        self.me = self.ids[cfg.node]
+        self.entry = cfg.nodes[self.me]
+        self.state = StateDir(cfg.state_dir)
+        self.control_path = control_path or os.path.join(cfg.state_dir, "control.sock")
+        self.max_frame_bytes = max_frame_bytes
+        self.server_ctx = server_ssl_context(cfg.ca, cfg.cert, cfg.key)
+        self.client_ctx = client_ssl_context(cfg.ca, cfg.cert, cfg.key)
+        self.epoch = self.state.next_epoch()
+        disk = self.state.load_disk()
+        self.core = NodeCore(self.me, self.spec, disk, 0.0)  # rebuilt on trio's clock in run()
+        self.db = ConfigDb(cfg.name)
+        self._apply_committed()
+        key = self.state.load_key()
+        if key is None:
+            key = (0, StateDir.new_key())  # provisional until a view forms or a peer's wins
+            self.state.save_key(*key)
+        self.key_generation, self.key = key
+        self.codec = HeartbeatCodec(self.me, frozenset(self.ids.values()), self.key, self.epoch)
+        self._old_codec: HeartbeatCodec | None = None
+        self._old_codec_until = 0.0
+        self.peers: dict[int, _Peer] = {}
+        for n in cfg.nodes:
+            i = self.ids[n.name]
+            if i == self.me:
+                continue
+            s, r = trio.open_memory_channel[Any](max_outbox)
+            self.peers[i] = _Peer(i, n.name, n.site, n.addresses, s, r)
+        self.witness_out_send, self.witness_out_recv = trio.open_memory_channel[Any](max_outbox)
+        self.witness_connected = False
+        self.inbox_send, self.inbox_recv = trio.open_memory_channel[Any](max_inbox)
+        self.dropped: Counter[str] = Counter()
+        self._lock = trio.Lock()
+        self._udp: list[trio.socket.SocketType] = []
+        self.events: list[wire.EventRecord] = self.state.load_events()
+        self._event_keys = {(e.origin, e.epoch, e.seq) for e in self.events}
+        self._event_seq = itertools.count(1)
+        self._new_events = trio.Event()
+        self._uid = itertools.count(1)
+        self._committed = trio.Event()
+        self._stopping = False
+        self._cancel: trio.CancelScope | None = None
+        self.started_at = 0.0
+        self._last_checkpoint = 0.0
+        self._was_acting = False
+        self._ip_of = {(a.host, a.port): i for i, a in enumerate(self.entry.addresses)}
+
+    # --- startup -------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled or told to leave."""
+        self.core = NodeCore(self.me, self.spec, self.core.disk, trio.current_time())
+        self.started_at = trio.current_time()
+        self._last_checkpoint = self.started_at
+        listeners = []
+        for net, addr in enumerate(self.entry.addresses):
+            udp = trio.socket.socket(_family(addr.host), socket.SOCK_DGRAM)
+            try:
+                await udp.bind((addr.host, addr.port))
+            except OSError as exc:
+                raise GeoclusError(
+                    f"cannot bind heartbeats to {addr} (network {net}): {exc.strerror}; "
+                    "is another node using it, or is the address not on this host?"
+                ) from None
+            self._udp.append(udp)
+            tcp = trio.socket.socket(_family(addr.host), socket.SOCK_STREAM)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                await tcp.bind((addr.host, addr.port))
+            except OSError as exc:
+                raise GeoclusError(f"cannot listen on {addr}: {exc.strerror}") from None
+            tcp.listen(64)
+            listeners.append(trio.SocketListener(tcp))
+        self._event("node", f"node {self.cfg.node} starts (epoch {self.epoch})")
+        async with trio.open_nursery() as nursery:
+            self._cancel = nursery.cancel_scope
+            nursery.start_soon(self._core_loop)
+            for net, udp in enumerate(self._udp):
+                nursery.start_soon(self._udp_loop, net, udp)
+            nursery.start_soon(trio.serve_listeners, self._serve_conn, listeners)
+            for peer in self.peers.values():
+                nursery.start_soon(self._link, peer)
+            if self.cfg.witness is not None:
+                nursery.start_soon(self._witness_link)
+            nursery.start_soon(self._housekeeping)
+            await nursery.start(serve_control, self.control_path, self._control)
+            task_status.started()
+
+    # --- the core ------------------------------------------------------------------
+
+    async def _core_loop(self) -> None:
+        while True:
+            item = None
+            with trio.move_on_at(self.core.next_deadline()):
+                item = await self.inbox_recv.receive()
+            async with self._lock:
+                now = trio.current_time()
+                if item is None:
+                    actions = self.core.on_tick(now)
+                    net = None
+                else:
+                    src, msg, net = item
+                    actions = self.core.on_message(src, msg, now)
+                await self._run(actions, net)
+
+    async def _run(self, actions: list[Any], reply_net: int | None) -> None:
+        """Carry out the core's actions in order (under ``_lock``)."""
+        dirty = False
+        for a in actions:
+            if isinstance(a, Persist):
+                dirty = True
+            elif isinstance(a, Send):
+                if dirty:
+                    await self._persist()
+                    dirty = False
+                await self._send(a.to, a.msg, reply_net)
+            elif isinstance(a, Event):
+                self._event(a.kind, self._names_in(a.message))
+        if dirty:
+            await self._persist()
+        self._apply_committed()
+        acting = self.core.acting(trio.current_time())
+        if acting and self.key_generation == 0 and self.core.is_locker:
+            self._set_key(1, self.key, "the first view formed: key generation 1")
+
+    async def _persist(self) -> None:
+        disk = self.core.disk.copy()
+        await trio.to_thread.run_sync(self.state.save_disk, disk)
+
+    def _apply_committed(self) -> None:
+        log_ = self.core.disk.log
+        changed = False
+        while self.db.version < self.core.disk.commit:
+            entry = log_[self.db.version]
+            try:
+                self.db.apply(entry.index, entry.payload)
+            except ConfigDbError as exc:
+                # Every node refuses the same committed update the same way.
+                self.db.version = entry.index
+                self._event("config", f"update {entry.index} ({entry.uid}) refused: {exc}")
+            else:
+                self._on_applied(entry.payload)
+            changed = True
+        if changed:
+            self._committed.set()
+            self._committed = trio.Event()
+
+    def _on_applied(self, update: Any) -> None:
+        op = update.get("op") if isinstance(update, dict) else None
+        if op == "evict":
+            name = update["node"]
+            self._event("membership", f"node {name} evicted: its certificate is refused")
+            if self.core.is_locker and self.started_at > 0:
+                self._set_key(self.key_generation + 1, StateDir.new_key(), f"{name} evicted")
+
+    # --- sending ---------------------------------------------------------------------
+
+    async def _send(self, to: int, msg: Any, reply_net: int | None) -> None:
+        if to == WITNESS:
+            self._enqueue(self.witness_out_send, msg, "witness outbox full")
+            return
+        peer = self.peers.get(to)
+        if peer is None or self.names[to] in self.db.evicted:
+            return
+        if isinstance(msg, Ping | Pong):
+            nets = [reply_net] if isinstance(msg, Pong) and reply_net is not None else None
+            await self._send_heartbeat(peer, msg, nets)
+            return
+        self._enqueue(peer.outbox_send, msg, f"outbox to {peer.name} full")
+
+    def _enqueue(self, channel: trio.MemorySendChannel[Any], msg: Any, why: str) -> None:
+        try:
+            channel.send_nowait(msg)
+        except trio.WouldBlock:
+            self.dropped[why] += 1
+
+    async def _send_heartbeat(self, peer: _Peer, msg: Ping | Pong, nets: list[int] | None) -> None:
+        for net in nets if nets is not None else range(len(self._udp)):
+            addr = peer.addresses[net]
+            try:
+                await self._udp[net].sendto(self.codec.seal(peer.id, msg), (addr.host, addr.port))
+            except OSError as exc:
+                self.dropped[f"udp send: {errno.errorcode.get(exc.errno or 0, exc)}"] += 1
+
+    # --- heartbeats in -----------------------------------------------------------------
+
+    async def _udp_loop(self, net: int, udp: trio.socket.SocketType) -> None:
+        while True:
+            try:
+                data, _ = await udp.recvfrom(DATAGRAM_BYTES + 1)
+            except OSError:
+                continue
+            hb = self.codec.open(data)
+            old = self._old_codec
+            if hb is None and old is not None and trio.current_time() < self._old_codec_until:
+                hb = old.open(data)
+                if hb is not None:
+                    self.codec.dropped["mac"] -= 1  # accepted under the previous key
+            if hb is None:
+                continue
+            peer = self.peers.get(hb.sender)
+            if peer is None or peer.name in self.db.evicted:
+                self.codec.dropped["evicted"] += 1
+                continue
+            now = trio.current_time()
+            if isinstance(hb.msg, Pong):
+                self._on_pong(peer, net, hb.msg, now)
+                if peer.probes is not None and hb.msg.ping_sent_at in peer.probes:
+                    continue  # a check-latency probe: measured, not a heartbeat
+            if self._lock.locked():
+                self._enqueue(self.inbox_send, (hb.sender, hb.msg, net), "inbox full")
+                continue
+            # The core is idle: answer here, without a trip through the inbox,
+            # so the round trips we measure are the network's, not our queue's.
+            async with self._lock:
+                now = trio.current_time()
+                await self._run(self.core.on_message(hb.sender, hb.msg, now), net)
+
+    def _on_pong(self, peer: _Peer, net: int, pong: Pong, now: float) -> None:
+        rtt_us = (now - pong.ping_sent_at) * 1e6
+        if not 0 <= rtt_us < 600e6:
+            return
+        if peer.probes is not None and pong.ping_sent_at in peer.probes:
+            peer.probe_rtts.setdefault(net, []).append(rtt_us)
+            return
+        peer.pong_at[net] = now
+        if not peer.net_up.get(net, False):
+            peer.net_up[net] = True
+            if len(self.entry.addresses) > 1 or now - self.started_at > 5:
+                self._event("network", f"network {net} to {peer.name} is up")
+        window = peer.rtt.get(net)
+        if window is None:
+            t = self.cfg.timers
+            window = peer.rtt[net] = RttWindow(t.rtt_budget_us, 60.0, t.rtt_sustained_s)
+        change = window.add(rtt_us, now)
+        if change is not None:
+            s = window.stats()
+            self._event(
+                "rtt",
+                f"round trip to {peer.name} on network {net}: {change} "
+                f"(p99 {s.p99_us:.0f} us, budget {t_budget(self.cfg):.0f} us)",
+            )
+
+    # --- TLS links -------------------------------------------------------------------
+
+    def _hello(self) -> wire.Hello:
+        return wire.Hello(
+            self.cfg.name, self.cfg.node, self.epoch, self.key_generation, self.key.hex()
+        )
+
+    def _set_key(self, generation: int, key: bytes, why: str) -> None:
+        if (generation, key) == (self.key_generation, self.key):
+            return
+        self._old_codec = self.codec
+        self._old_codec_until = trio.current_time() + 3 * self.cfg.timers.heartbeat_interval_s
+        self.key_generation, self.key = generation, key
+        self.state.save_key(generation, key)
+        codec = HeartbeatCodec(self.me, frozenset(self.ids.values()), key, self.epoch)
+        codec._seq = self.codec._seq  # keep the sequence rising within the epoch
+        codec._windows = self.codec._windows
+        codec.dropped = self.codec.dropped
+        codec.accepted = self.codec.accepted
+        self.codec = codec
+        self._event("key", f"heartbeat key generation {generation} ({why})")
+        for peer in self.peers.values():
+            if peer.connected:
+                self._enqueue(peer.outbox_send, self._hello(), f"outbox to {peer.name} full")
+
+    def _adopt_key(self, hello: wire.Hello) -> None:
+        if hello.key_generation < 0 or not hello.key_hex:
+            return
+        try:
+            key = bytes.fromhex(hello.key_hex)
+        except ValueError:
+            return
+        if len(key) >= 16 and (hello.key_generation, key) > (self.key_generation, self.key):
+            self._set_key(hello.key_generation, key, f"received from {hello.node}")
+
+    def _check_hello(self, hello: Any, expected: str) -> wire.Hello:
+        if not isinstance(hello, wire.Hello):
+            raise GeoclusError(f"{expected} did not start with a Hello")
+        if hello.cluster != self.cfg.name:
+            raise GeoclusError(
+                f"{expected} belongs to cluster {hello.cluster!r}, not {self.cfg.name!r}"
+            )
+        if hello.node != expected:
+            raise GeoclusError(f"the peer says it is {hello.node!r}, its certificate {expected!r}")
+        return hello
+
+    async def _open(self, addresses: tuple[Endpoint, ...], expected: str) -> TlsSocketStream:
+        """A mutual-TLS connection to ``expected``, trying each network in turn."""
+        last: Exception | None = None
+        for net, addr in enumerate(addresses):
+            local = self.entry.addresses[min(net, len(self.entry.addresses) - 1)].host
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT_S):
+                    tcp = await trio.open_tcp_stream(addr.host, addr.port, local_address=local)
+                    tls = await wrap_client(tcp, self.client_ctx)
+                name = peer_node_name(tls.ssl_object)
+                if name != expected:
+                    await tls.aclose()
+                    raise GeoclusError(f"{addr} presented {name!r}, expected {expected!r}")
+                return tls
+            except (OSError, trio.TooSlowError, trio.BrokenResourceError, GeoclusError) as exc:
+                last = exc
+        raise GeoclusError(f"cannot reach {expected}: {last}")
+
+    async def _link(self, peer: _Peer) -> None:
+        """The outgoing connection to ``peer``: carries this node's messages."""
+        while True:
+            if peer.name in self.db.evicted:
+                await trio.sleep(RECONNECT_S * 4)
+                continue
+            try:
+                tls = await self._open(peer.addresses, peer.name)
+            except GeoclusError:
+                await self._drain(peer.outbox_recv)
+                await trio.sleep(RECONNECT_S)
+                continue
+            try:
+                async with tls:
+                    await tls.send_all(wire.encode(self._hello()))
+                    reader = wire.FrameReader(self.max_frame_bytes)
+                    with trio.fail_after(HELLO_TIMEOUT_S):
+                        hello = await reader.next(tls)
+                    if isinstance(hello, wire.Refused):
+                        raise GeoclusError(f"{peer.name} refused us: {hello.reason}")
+                    hello = self._check_hello(hello, peer.name)
+                    self._adopt_key(hello)
+                    if hello.epoch != peer.epoch:
+                        peer.epoch = hello.epoch
+                        peer.events_acked = (0, 0)
+                    peer.connected = True
+                    self._new_events.set()
+                    async with trio.open_nursery() as n:
+                        n.start_soon(self._link_receive, peer, tls, reader, n.cancel_scope)
+                        async for msg in peer.outbox_recv:
+                            await tls.send_all(wire.encode(msg))
+            except (
+                trio.BrokenResourceError,
+                trio.TooSlowError,
+                wire.WireError,
+                GeoclusError,
+            ) as exc:
+                log.debug("link to %s: %s", peer.name, exc)
+            finally:
+                peer.connected = False
+            await trio.sleep(RECONNECT_S)
+
+    async def _link_receive(
+        self, peer: _Peer, tls: TlsSocketStream, reader: wire.FrameReader, scope: trio.CancelScope
+    ) -> None:
+        try:
+            while True:
+                msg = await reader.next(tls)
+                if isinstance(msg, wire.EventAck):
+                    peer.events_acked = max(peer.events_acked, (msg.epoch, msg.seq))
+                elif isinstance(msg, wire.Hello):
+                    self._adopt_key(msg)
+        except (trio.BrokenResourceError, wire.WireError, GeoclusError):
+            pass
+        scope.cancel()
+
+    @staticmethod
+    async def _drain(channel: trio.MemoryReceiveChannel[Any]) -> None:
+        """Messages for an unreachable peer are dropped (the core resends)."""
+        with contextlib.suppress(trio.WouldBlock):
+            while True:
+                channel.receive_nowait()
+
+    async def _serve_conn(self, tcp: trio.SocketStream) -> None:
+        """An incoming connection: a peer's messages to this node."""
+        try:
+            with trio.fail_after(HELLO_TIMEOUT_S):
+                tls = await wrap_server(tcp, self.server_ctx)
+        except (trio.BrokenResourceError, trio.TooSlowError, OSError):
+            await tcp.aclose()
+            return
+        async with tls:
+            try:
+                name = peer_node_name(tls.ssl_object)
+                src = self.ids.get(name)
+                if src is None or src == self.me or name in self.db.evicted:
+                    why = "evicted" if name in self.db.evicted else "not a node of this cluster"
+                    self.dropped[f"refused connection ({why})"] += 1
+                    await tls.send_all(wire.encode(wire.Refused(f"{name}: {why}")))
+                    return
+                reader = wire.FrameReader(self.max_frame_bytes)
+                with trio.fail_after(HELLO_TIMEOUT_S):
+                    hello = self._check_hello(await reader.next(tls), name)
+                self._adopt_key(hello)
+                await tls.send_all(wire.encode(self._hello()))
+                while True:
+                    msg = await reader.next(tls)
+                    if name in self.db.evicted:
+                        await tls.send_all(wire.encode(wire.Refused(f"{name}: evicted")))
+                        return
+                    await self._incoming(src, name, msg, tls)
+            except (
+                trio.BrokenResourceError,
+                trio.TooSlowError,
+                wire.WireError,
+                GeoclusError,
+            ) as exc:
+                log.debug("connection from peer: %s", exc)
+
+    async def _incoming(self, src: int, name: str, msg: Any, tls: TlsSocketStream) -> None:
+        if isinstance(msg, wire.EventBatch):
+            top = (0, 0)
+            fresh = []
+            for e in msg.events:
+                if e.origin != name:
+                    continue
+                top = max(top, (e.epoch, e.seq))
+                k = (e.origin, e.epoch, e.seq)
+                if k not in self._event_keys:
+                    self._event_keys.add(k)
+                    fresh.append(e)
+            self._store_events(fresh)
+            await tls.send_all(wire.encode(wire.EventAck(*top)))
+        elif isinstance(msg, wire.Hello):
+            self._adopt_key(msg)
+        elif isinstance(msg, wire.Leave):
+            async with self._lock:
+                now = trio.current_time()
+                self._event("membership", f"node {name} leaves the cluster (planned)")
+                await self._run(self.core.node_left(src, now), None)
+        elif isinstance(msg, Ping | Pong | VoteReply | VoteRequest):
+            self.dropped["unexpected message on a link"] += 1
+        else:
+            self._enqueue(self.inbox_send, (src, msg, None), "inbox full")
+
+    async def _witness_link(self) -> None:
+        assert self.cfg.witness is not None
+        while True:
+            try:
+                tls = await self._open((self.cfg.witness,), WITNESS_NAME)
+            except GeoclusError:
+                await self._drain(self.witness_out_recv)
+                await trio.sleep(RECONNECT_S)
+                continue
+            try:
+                async with tls:
+                    await tls.send_all(wire.encode(self._hello()))
+                    reader = wire.FrameReader(self.max_frame_bytes)
+                    with trio.fail_after(HELLO_TIMEOUT_S):
+                        first = await reader.next(tls)
+                    if isinstance(first, wire.Refused):
+                        raise GeoclusError(f"the witness refused us: {first.reason}")
+                    if not isinstance(first, wire.Hello) or first.cluster != self.cfg.name:
+                        raise GeoclusError("the witness serves another cluster")
+                    self.witness_connected = True
+
+                    async def receive(
+                        scope: trio.CancelScope, tls: TlsSocketStream, reader: wire.FrameReader
+                    ) -> None:
+                        try:
+                            while True:
+                                reply = await reader.next(tls)
+                                if isinstance(reply, VoteReply):
+                                    self._enqueue(
+                                        self.inbox_send, (WITNESS, reply, None), "inbox full"
+                                    )
+                        except (trio.BrokenResourceError, wire.WireError):
+                            pass
+                        scope.cancel()
+
+                    async with trio.open_nursery() as n:
+                        n.start_soon(receive, n.cancel_scope, tls, reader)
+                        async for msg in self.witness_out_recv:
+                            await tls.send_all(wire.encode(msg))
+            except (
+                trio.BrokenResourceError,
+                trio.TooSlowError,
+                wire.WireError,
+                GeoclusError,
+            ) as exc:
+                log.debug("witness link: %s", exc)
+            finally:
+                self.witness_connected = False
+            await trio.sleep(RECONNECT_S)
+
+    # --- events ----------------------------------------------------------------------
+
+    def _names_in(self, text: str) -> str:
+        """The core speaks in node ids; operators read names."""
+
+        def name(i: str) -> str:
+            return self.names.get(int(i), i)
+
+        text = re.sub(r"\((\d+), (-?\d+)\)", lambda m: f"({m[1]}, {name(m[2])})", text)
+        text = re.sub(r"\b(node|by) (\d+)", lambda m: f"{m[1]} {name(m[2])}", text)
+        return re.sub(
+            r"\[(\d+(?:, \d+)*)\]",
+            lambda m: "[" + ", ".join(name(i) for i in m[1].split(", ")) + "]",
+            text,
+        )
+
+    def _event(self, kind: str, message: str) -> None:
+        rec = wire.EventRecord(
+            self.cfg.node, self.epoch, next(self._event_seq), time.time(), kind, message
+        )
+        self._event_keys.add((rec.origin, rec.epoch, rec.seq))
+        log.info("%s: %s", kind, message)
+        self._store_events([rec])
+        self._new_events.set()
+
+    def _store_events(self, fresh: list[wire.EventRecord]) -> None:
+        if not fresh:
+            return
+        self.events.extend(fresh)
+        self.state.append_events(fresh, self.events)
+        if len(self.events) >= self.state.max_events:
+            self.events = self.events[-self.state.max_events // 2 :]
+            self._event_keys = {(e.origin, e.epoch, e.seq) for e in self.events}
+
+    async def _housekeeping(self) -> None:
+        """Every heartbeat interval: push events, watch networks, checkpoint."""
+        t = self.cfg.timers
+        while True:
+            with trio.move_on_after(t.heartbeat_interval_s):
+                await self._new_events.wait()
+            self._new_events = trio.Event()
+            now = trio.current_time()
+            mine = [e for e in self.events if e.origin == self.cfg.node]
+            for peer in self.peers.values():
+                if peer.connected:
+                    batch = tuple(e for e in mine if (e.epoch, e.seq) > peer.events_acked)
+                    if batch:
+                        self._enqueue(
+                            peer.outbox_send,
+                            wire.EventBatch(batch[:EVENT_BATCH_MAX]),
+                            f"outbox to {peer.name} full",
+                        )
+                lease = self.spec.lease_s(self.me, peer.id)
+                for net, up in list(peer.net_up.items()):
+                    if up and now - peer.pong_at.get(net, -math.inf) > lease:
+                        peer.net_up[net] = False
+                        still = [n for n, u in peer.net_up.items() if u]
+                        self._event(
+                            "network",
+                            f"network {net} to {peer.name} is down"
+                            + (f" (still reachable on network {still})" if still else ""),
+                        )
+            acting = self.core.acting(now)
+            if acting != self._was_acting:
+                self._was_acting = acting
+            if now - self._last_checkpoint >= t.snapshot_interval_s:
+                await self._checkpoint()
+
+    async def _checkpoint(self) -> str:
+        self._last_checkpoint = trio.current_time()
+        data = self.db.checkpoint()
+        await trio.to_thread.run_sync(self.state.save_checkpoint, data)
+        self._event("config", f"checkpoint of configuration version {self.db.version}")
+        return os.path.join(self.state.path, "configdb.checkpoint")
+
+    # --- status ----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """What ``geoclus cluster status`` shows (JSON-ready)."""
+        now = trio.current_time()
+        core = self.core
+        q = core.quorum(now)
+        reach = core.reachable(now)
+        view = core.view
+        nodes = []
+        for n in self.cfg.nodes:
+            i = self.ids[n.name]
+            if n.name in self.db.evicted:
+                state = "evicted"
+            elif i in core.members and core.installed and i in reach:
+                state = "paused" if n.name in self.db.paused else "online"
+            elif i in reach:
+                state = "joining"
+            else:
+                state = "offline"
+            row: dict[str, Any] = {"name": n.name, "site": n.site, "state": state}
+            if i == self.me:
+                row["networks_up"] = list(range(len(n.addresses)))
+                row["self"] = True
+            else:
+                peer = self.peers[i]
+                row["networks_up"] = sorted(k for k, up in peer.net_up.items() if up)
+                row["rtt_us"] = {
+                    str(net): dict(
+                        zip(("samples", "p50", "p99", "max"), _stats_tuple(w), strict=True)
+                    )
+                    for net, w in sorted(peer.rtt.items())
+                }
+            nodes.append(row)
+        locker = self.names.get(view[1]) if core.installed else None
+        return {
+            "cluster": self.cfg.name,
+            "node": self.cfg.node,
+            "site": self.entry.site,
+            "epoch": self.epoch,
+            "quorum_kind": self.cfg.quorum.value,
+            "installed": core.installed,
+            "acting": core.acting(now),
+            "quorum": {
+                "has": q.has_quorum,
+                "votes": q.votes,
+                "needed": q.needed,
+                "total": q.total,
+                "reason": q.reason,
+            },
+            "forced": core.disk.forced,
+            "view": [view[0], self.names.get(view[1], "-")],
+            "locker": locker,
+            "members": sorted(self.names[m] for m in core.members) if core.installed else [],
+            "nodes": nodes,
+            "config_version": self.db.version,
+            "log_length": len(core.disk.log),
+            "commit": core.disk.commit,
+            "witness": (
+                {
+                    "address": str(self.cfg.witness),
+                    "connected": self.witness_connected,
+                    "vote_s": round(core.witness_vote_s(now), 3),
+                }
+                if self.cfg.witness is not None
+                else None
+            ),
+            "heartbeats": {"accepted": self.codec.accepted, "dropped": dict(self.codec.dropped)},
+            "dropped": dict(self.dropped),
+            "regroups_started": core.regroups_started,
+            "stop_bound_s": self.spec.stop_bound_s,
+            "key_generation": self.key_generation,
+        }
+
+    # --- control ---------------------------------------------------------------------
+
+    async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req["cmd"]
+        if cmd == "status":
+            return {"status": self.status()}
+        if cmd == "events":
+            since = req.get("since", 0)
+            evs = sorted(self.events, key=lambda e: (e.wall_time, e.origin, e.seq))
+            if isinstance(since, int | float):
+                evs = [e for e in evs if e.wall_time > since]
+            return {"events": [wire.to_json(e) for e in evs]}
+        if cmd == "submit":
+            return await self._submit(req.get("update"), float(req.get("wait_s", 30)))
+        if cmd == "log":
+            return {
+                "entries": [
+                    {"index": e.index, "uid": e.uid, "view": list(e.view), "update": e.payload}
+                    for e in self.core.committed()
+                ]
+            }
+        if cmd == "backup":
+            return {"checkpoint": self.db.checkpoint().decode(), "version": self.db.version}
+        if cmd == "checkpoint":
+            return {"path": await self._checkpoint(), "version": self.db.version}
+        if cmd == "restore":
+            data = req.get("checkpoint")
+            if not isinstance(data, str):
+                raise GeoclusError("restore needs the backup's contents")
+            restored = ConfigDb.from_checkpoint(data.encode(), self.cfg.name)
+            update = {
+                "op": "restore",
+                "values": restored.values,
+                "evicted": sorted(restored.evicted),
+                "paused": sorted(restored.paused),
+                "from_version": restored.version,
+            }
+            return await self._submit(update, float(req.get("wait_s", 30)))
+        if cmd == "force_quorum":
+            site = req.get("site")
+            if not isinstance(site, str):
+                raise GeoclusError("force_quorum needs a site")
+            async with self._lock:
+                try:
+                    actions = self.core.force_quorum(site, trio.current_time())
+                except ForceRefused as exc:
+                    raise GeoclusError(
+                        f"force-quorum refused: {self._names_in(str(exc))}"
+                    ) from None
+                await self._run(actions, None)
+            return {"forced": site}
+        if cmd == "leave":
+            await self.leave()
+            return {"left": self.cfg.node}
+        if cmd == "check_latency":
+            count = int(req.get("count", 200))
+            interval_s = float(req.get("interval_s", 0.002))
+            return {"links": await self.check_latency(count, interval_s)}
+        raise GeoclusError(f"unknown command {cmd!r}")
+
+    async def _submit(self, update: Any, timeout_s: float) -> dict[str, Any]:
+        try:
+            validate_update(update)
+        except ConfigDbError as exc:
+            raise GeoclusError(f"update refused: {exc}") from None
+        if update.get("op") == "evict":
+            node = update["node"]
+            if node not in self.ids:
+                raise GeoclusError(f"{node!r} is not a configured node")
+            if node == self.cfg.node:
+                raise GeoclusError("a node cannot evict itself: run evict on another node")
+        uid = f"{self.cfg.node}-{self.epoch}-{next(self._uid)}"
+        async with self._lock:
+            await self._run(self.core.submit(uid, update, trio.current_time()), None)
+        with trio.move_on_after(timeout_s):
+            while True:
+                for e in self.core.committed():
+                    if e.uid == uid:
+                        while self.db.version < e.index:
+                            await self._committed.wait()
+                        return {"uid": uid, "index": e.index, "version": self.db.version}
+                await self._committed.wait()
+        raise GeoclusError(
+            f"update {uid} not committed within {timeout_s:g} s: the cluster has no quorum or "
+            "no locker (see `geoclus cluster status`); it is applied if it commits later"
+        )
+
+    async def leave(self) -> None:
+        """Planned exit: tell every peer, then stop."""
+        self._event("membership", f"node {self.cfg.node} leaves the cluster (planned)")
+        for peer in self.peers.values():
+            self._enqueue(
+                peer.outbox_send, wire.Leave(self.cfg.node), f"outbox to {peer.name} full"
+            )
+        await trio.sleep(0.2)  # let the links flush
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+    async def check_latency(self, count: int, interval_s: float) -> list[dict[str, Any]]:
+        """A burst of ``count`` probes to every peer on every network; a verdict per link."""
+        if not 1 <= count <= 10_000 or not 0 <= interval_s <= 1:
+            raise GeoclusError("count must be 1..10000 and interval_s 0..1")
+        for peer in self.peers.values():
+            peer.probes, peer.probe_rtts = {}, {}
+        view = self.core.view if self.core.installed else (0, -1)
+        sent: Counter[tuple[int, int]] = Counter()
+        for _ in range(count):
+            for peer in self.peers.values():
+                for net in range(len(self._udp)):
+                    at = trio.current_time()
+                    assert peer.probes is not None
+                    peer.probes[at] = net
+                    await self._send_heartbeat(peer, Ping(view, at, 0), [net])
+                    sent[(peer.id, net)] += 1
+            await trio.sleep(interval_s)
+        await trio.sleep(0.5)
+        out = []
+        for peer in self.peers.values():
+            for net in range(len(self._udp)):
+                rtts = peer.probe_rtts.get(net, [])
+                lost = max(0, sent[(peer.id, net)] - len(rtts))
+                v = verdict(
+                    f"{self.cfg.node} -> {peer.name} (network {net})",
+                    rtts,
+                    lost,
+                    t_budget(self.cfg),
+                )
+                out.append(
+                    {
+                        "peer": peer.name,
+                        "network": net,
+                        "ok": v.ok,
+                        "line": v.line(),
+                        "samples": v.stats.samples,
+                        "lost": lost,
+                        "p50_us": v.stats.p50_us,
+                        "p99_us": v.stats.p99_us,
+                        "max_us": v.stats.max_us,
+                        "budget_us": v.budget_us,
+                    }
+                )
+            peer.probes = None
+        return out
+
+
+def t_budget(cfg: ClusterConfig) -> float:
+    return cfg.timers.rtt_budget_us
+
+
+def _stats_tuple(w: RttWindow) -> tuple[int, float, float, float]:
+    s = w.stats()
+    return s.samples, round(s.p50_us, 1), round(s.p99_us, 1), round(s.max_us, 1)

@@ -1,0 +1,196 @@
+"""Real node daemons and a real witness in a private network namespace
+(geoclus/testing/clusterlab.py): two sites of two nodes; the inter-site link
+is cut with nftables and healed.
+
+* With a witness: exactly one side keeps quorum (the one the witness's vote
+  is sticky to), the other stops within the documented bound, nothing
+  overlaps, updates commit only on the side with quorum, and after healing
+  the cluster re-forms with one history on every node.
+* With majority and no witness: both sides lose quorum; force-quorum is
+  refused while the other site is seen, and once it is not, it brings site B
+  back; the override ends when the cluster heals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from geoclus.testing.clusterlab import ClusterLab
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for ip netns and nft")
+
+SLACK_S = 1.0  # scheduling on a loaded 2-core machine, and event timestamps
+
+
+@pytest.fixture
+def lab_factory(tmp_path):
+    labs: list[ClusterLab] = []
+
+    def make(**kw) -> ClusterLab:
+        lab = ClusterLab(str(tmp_path / f"lab{len(labs)}"), **kw)
+        labs.append(lab)
+        lab.start()
+        return lab
+
+    yield make
+    for lab in labs:
+        lab.close()
+
+
+def _events(lab: ClusterLab, node: str, kind: str, needle: str) -> list[dict]:
+    return [e for e in lab.events(node) if e["kind"] == kind and needle in e["message"]]
+
+
+def _histories(lab: ClusterLab, nodes: list[str]) -> dict[str, list[tuple[int, str]]]:
+    return {n: [(e["index"], e["uid"]) for e in lab.ask(n, "log")["entries"]] for n in nodes}
+
+
+def _set(lab: ClusterLab, node: str, key: str, value: str, timeout_s: float = 10):
+    return lab.cli(
+        "cluster", "set", "--config", lab.config(node), key, value, "--timeout", str(timeout_s)
+    )
+
+
+def test_witness_keeps_one_side_and_history_survives_the_cut(lab_factory):
+    lab = lab_factory(quorum="majority+witness")
+    everyone = list(lab.nodes)
+    try:
+        lab.wait_for("the four nodes to form one view", lambda: lab.formed(everyone), 60)
+        r = _set(lab, "a2", "app.before", "1")
+        assert r.returncode == 0, r.stderr
+
+        st = lab.status("a1")
+        assert st is not None
+        stop_bound_s = st["stop_bound_s"]
+        winner_site = lab.nodes[st["locker"]]  # the witness is sticky to the locker's side
+        loser_site = "B" if winner_site == "A" else "A"
+        winners, losers = lab.site_nodes(winner_site), lab.site_nodes(loser_site)
+
+        import time
+
+        t_cut = time.time()
+        lab.cut("A", "B")
+        lab.wait_for(
+            f"site {loser_site} to stop",
+            lambda: not any(lab.acting(losers).values()),
+            stop_bound_s + 5,
+        )
+        lab.wait_for(f"site {winner_site} to re-form", lambda: lab.formed(winners), 30)
+
+        # The losing side stopped within the bound, before the winners acted again.
+        lost_at = {}
+        for n in losers:
+            evs = [e for e in _events(lab, n, "quorum", "loses quorum") if e["wall_time"] > t_cut]
+            assert evs, f"{n} never logged losing quorum"
+            lost_at[n] = evs[0]["wall_time"]
+            assert lost_at[n] - t_cut <= stop_bound_s + SLACK_S, (n, lost_at[n] - t_cut)
+        regained = [
+            e["wall_time"]
+            for n in winners
+            for e in _events(lab, n, "quorum", "gains quorum")
+            if e["wall_time"] > t_cut
+        ]
+        assert regained, "the winning side never acted in its new view"
+        assert min(regained) >= max(lost_at.values()), "the two sides' quorum overlapped"
+
+        # During the cut: the winners commit, the losers cannot.
+        assert _set(lab, winners[0], "app.during", "2").returncode == 0
+        r = _set(lab, losers[0], "app.loser", "3", timeout_s=3)
+        assert r.returncode != 0 and "not committed" in r.stderr, r.stderr
+        for _ in range(5):
+            assert not any(lab.acting(losers).values())
+
+        lab.heal()
+        lab.wait_for("the cluster to re-form after healing", lambda: lab.formed(everyone), 60)
+        assert _set(lab, losers[1], "app.after", "4").returncode == 0
+
+        def one_history() -> bool:
+            h = _histories(lab, everyone)
+            return len({json.dumps(v) for v in h.values()}) == 1
+
+        lab.wait_for("every node to hold one history", one_history, 20)
+        history = _histories(lab, everyone)[everyone[0]]
+        got = {
+            n: json.loads(lab.cli("cluster", "get", "--json", "--config", lab.config(n)).stdout)
+            for n in everyone
+        }
+        assert len({json.dumps(v, sort_keys=True) for v in got.values()}) == 1
+        values = got[everyone[0]]["values"]
+        assert values["app.before"] == 1 and values["app.during"] == 2 and values["app.after"] == 4
+        assert [i for i, _ in history] == list(range(1, len(history) + 1))
+
+        # Events are replicated: every node holds every other node's events.
+        origins = {e["origin"] for e in lab.events(winners[0])}
+        assert set(everyone) <= origins
+        text = lab.cli("cluster", "status", "--config", lab.config(losers[0])).stdout
+        assert "HAS QUORUM" in text and "witness" in text
+    except Exception:
+        print(lab.logs())
+        raise
+
+
+def test_majority_without_witness_stops_both_sides_until_forced(lab_factory):
+    lab = lab_factory(quorum="majority")
+    everyone = list(lab.nodes)
+    try:
+        lab.wait_for("the four nodes to form one view", lambda: lab.formed(everyone), 60)
+        assert _set(lab, "a1", "app.before", "1").returncode == 0
+
+        # The guard: site A is still seen from b1.
+        r = lab.cli("cluster", "force-quorum", "--site", "B", "--config", lab.config("b1"))
+        assert r.returncode != 0 and "still answer heartbeats" in r.stderr, r.stderr
+        st = lab.status("b1")
+        assert st is not None and not st["forced"]
+        stop_bound_s = st["stop_bound_s"]
+
+        import time
+
+        t_cut = time.time()
+        lab.cut("A", "B")
+        waited = lab.wait_for(
+            "both sides to stop",
+            lambda: not any(lab.acting().values()),
+            stop_bound_s + 5,
+        )
+        assert waited <= stop_bound_s + SLACK_S + 1
+        for n in everyone:
+            evs = [e for e in _events(lab, n, "quorum", "loses quorum") if e["wall_time"] > t_cut]
+            assert evs and evs[0]["wall_time"] - t_cut <= stop_bound_s + SLACK_S, n
+
+        # Wrong site, then the right one.
+        r = lab.cli("cluster", "force-quorum", "--site", "A", "--config", lab.config("b1"))
+        assert r.returncode != 0 and "not A" in r.stderr
+        lab.wait_for(
+            "b1 to stop hearing site A",
+            lambda: (
+                (s := lab.status("b1")) is not None
+                and all(n["state"] == "offline" for n in s["nodes"] if n["site"] == "A")
+            ),
+            20,
+        )
+        r = lab.cli("cluster", "force-quorum", "--site", "B", "--config", lab.config("b1"))
+        assert r.returncode == 0, r.stderr
+        lab.wait_for("site B to act under the override", lambda: lab.formed(["b1", "b2"]), 30)
+        assert not any(lab.acting(["a1", "a2"]).values())
+        assert all((s or {}).get("forced") for s in lab.statuses(["b1", "b2"]).values())
+        assert _set(lab, "b2", "app.forced", "2").returncode == 0
+
+        lab.heal()
+        lab.wait_for("the cluster to re-form after healing", lambda: lab.formed(everyone), 60)
+        sts = lab.statuses()
+        assert not any(s["forced"] for s in sts.values() if s), "the override did not end"
+        lab.wait_for(
+            "one history",
+            lambda: len({json.dumps(v) for v in _histories(lab, everyone).values()}) == 1,
+            20,
+        )
+        values = json.loads(
+            lab.cli("cluster", "get", "--json", "--config", lab.config("a1")).stdout
+        )["values"]
+        assert values == {"app.before": 1, "app.forced": 2}
+    except Exception:
+        print(lab.logs())
+        raise
