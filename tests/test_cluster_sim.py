@@ -132,3 +132,19 @@ def test_regression_seeds_from_long_runs(seed: int) -> None:
     settings = settings_for_seed(seed, QuorumKind.MAJORITY_WITNESS, duration_s=240.0, settle_s=90.0)
     result = Simulation(seed, settings).run()  # raises SafetyViolation on a broken property
     assert result.committed > 0 and result.regroups > 0
+
+
+def test_checker_catches_a_dropped_start_fence(broken: pytest.MonkeyPatch) -> None:
+    """When every old member promised, the new view skips the release wait but
+    must keep the old view's own start fence (older views may still act): an
+    acceptor that reports no fence is caught (seed 8 found it first)."""
+    prepare = node_mod.NodeCore._on_prepare
+
+    def no_fence(self, src, msg, now, out):  # type: ignore[no-untyped-def]
+        self._fence_until = -1e18
+        return prepare(self, src, msg, now, out)
+
+    broken.setattr(node_mod.NodeCore, "_on_prepare", no_fence)
+    found = _first_violation(QuorumKind.MAJORITY, 30)
+    assert found is not None, "a dropped start fence was not caught in 30 seeds"
+    assert "two views act at once" in found[1]

@@ -90,3 +90,40 @@ def test_corrupt_truncated_and_foreign_backups_are_refused() -> None:
         ConfigDb.from_checkpoint(good, cluster="test")
     with pytest.raises(ConfigDbError, match="no geoclus-configdb header"):
         ConfigDb.from_checkpoint(b'{"format": "other"}')
+
+
+def test_restore_replaces_the_whole_database_in_one_update() -> None:
+    db = ConfigDb("c")
+    db.apply(1, {"op": "set", "key": "a", "value": 1})
+    db.apply(2, {"op": "evict", "node": "n9"})
+    backup = ConfigDb.from_checkpoint(db.checkpoint(), "c")
+    db.apply(3, {"op": "set", "key": "b", "value": 2})
+    db.apply(4, {"op": "delete", "key": "a"})
+    restore = {
+        "op": "restore",
+        "values": backup.values,
+        "evicted": sorted(backup.evicted),
+        "paused": [],
+        "from_version": backup.version,
+    }
+    db.apply(5, restore)
+    assert (db.values, db.evicted, db.version) == ({"a": 1}, {"n9"}, 5)
+
+
+@pytest.mark.parametrize(
+    ("bad", "problem"),
+    [
+        ({"values": [], "evicted": [], "paused": [], "from_version": 1}, "values must be a table"),
+        ({"values": {"": 1}, "evicted": [], "paused": [], "from_version": 1}, "key must be"),
+        ({"values": {}, "evicted": [3], "paused": [], "from_version": 1}, "evicted must be"),
+        ({"values": {}, "evicted": [], "paused": [], "from_version": -1}, "from_version"),
+        ({"values": {}, "evicted": [], "paused": []}, "takes exactly"),
+    ],
+)
+def test_a_bad_restore_is_refused_and_changes_nothing(bad: dict, problem: str) -> None:
+    db = ConfigDb("c")
+    db.apply(1, {"op": "set", "key": "a", "value": 1})
+    before = db.checkpoint()
+    with pytest.raises(ConfigDbError, match=problem):
+        db.apply(2, {"op": "restore", **bad})
+    assert db.checkpoint() == before

@@ -829,6 +829,8 @@ class NodeDaemon:
 
     async def leave(self) -> None:
         """Planned exit: tell every peer, then stop."""
+        async with self._lock:
+            await self._run(self.core.leave(trio.current_time()), None)
         self._event("membership", f"node {self.cfg.node} leaves the cluster (planned)")
         for peer in self.peers.values():
             self._enqueue(

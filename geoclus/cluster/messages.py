@@ -69,6 +69,7 @@ class Promise:
     log: tuple[Entry, ...]
     commit: int
     release_s: float
+    fence_s: float = 0.0  # how long the acceptor's current view must still wait before acting
 
 
 @dataclass(frozen=True, slots=True)

@@ -206,6 +206,13 @@ class NodeCore:
         self._was_acting = False
         self.regroups_started = 0
         self._now = now
+        self._left: set[int] = set()  # announced a planned exit (and are stopped)
+        # Until when my installed view's start fence runs (it protects against
+        # older views still acting). After a restart it is unknown: assume the
+        # longest a fence can be.
+        self._fence_until = (
+            now + self.spec.stop_bound_s if self.disk.normal_view != NO_VIEW else -1e18
+        )
 
     # --- queries ---------------------------------------------------------------------
 
@@ -300,9 +307,22 @@ class NodeCore:
         self._heard.pop(node, None)
         self._heard_view.pop(node, None)
         self._vote_until.pop(node, None)
+        self._left.add(node)
         if self._vc is None and (self.is_locker or node == self.view[1]):
             self._next_regroup = now
         return self._tick(now)
+
+    def leave(self, now: float) -> list[Action]:
+        """This node exits on purpose: it stops acting and answering in its
+        view now (before its Leave message goes out) and starts no regroup."""
+        out: list[Action] = []
+        if self.installed:
+            out.append(Event("membership", f"node {self.id} leaves view {self.view}"))
+        self.installed = False
+        self._was_acting = False
+        self._vc = None
+        self._next_regroup = float("inf")
+        return out
 
     def on_message(self, src: int, msg: Message | VoteReply, now: float) -> list[Action]:
         """Handle one message from node ``src`` (or the witness)."""
@@ -368,6 +388,7 @@ class NodeCore:
             return  # not a ping of mine: ignore
         self._heard[src] = max(self._heard.get(src, -1e18), sent)
         self._heard_view[src] = msg.view
+        self._left.discard(src)
         self._highest_seen = max(self._highest_seen, msg.view)
         if self.installed and msg.view == self.disk.normal_view:
             until = sent + self.spec.lease_s(self.id, src)
@@ -466,7 +487,8 @@ class NodeCore:
         self._was_acting = False
         out.append(Persist())
         release_s = max(0.0, self._last_pong_sent_in_view + self.spec.max_lease_s - now)
-        promise = Promise(msg.view, d.normal_view, tuple(d.log), d.commit, release_s)
+        fence_s = max(0.0, self._fence_until - now)
+        promise = Promise(msg.view, d.normal_view, tuple(d.log), d.commit, release_s, fence_s)
         if src == self.id:
             if self._vc is not None and self._vc.view == msg.view:
                 self._vc.promises[self.id] = promise
@@ -538,6 +560,17 @@ class NodeCore:
         best = self._best(vc)
         members = frozenset(vc.promises)
         wait_s = max(p.release_s for p in vc.promises.values())
+        old = self.disk.normal_view
+        if (
+            old != NO_VIEW
+            and all(p.normal_view == old for p in vc.promises.values())
+            and self.disk.members <= members | self._left
+        ):
+            # Every member of the old view promised (so stopped acting in it)
+            # or left on purpose (stopped first): nobody can still act in it,
+            # and only the old view's own start fence (against still older
+            # views) must be kept.
+            wait_s = max(p.fence_s for p in vc.promises.values())
         if vc.witness_reply is not None:
             wait_s = max(wait_s, vc.witness_reply_at + vc.witness_reply.wait_s - now)
         commit = max(p.commit for p in vc.promises.values())
@@ -567,6 +600,7 @@ class NodeCore:
     def _enter_view(self, now: float, wait_s: float, out: list[Action]) -> None:
         self.installed = True
         self.act_after = now + wait_s
+        self._fence_until = self.act_after
         self._wake_at_act = self.act_after if wait_s > 0 else None
         self._vote_until = {}
         if self._vc is None or self._vc.witness_reply is None:

@@ -1,0 +1,122 @@
+"""force-quorum and planned leave in the node core, on the simulator's clock
+and network (no faults but the ones each test makes)."""
+
+from __future__ import annotations
+
+import heapq
+
+import pytest
+
+from geoclus.cluster.node import ForceRefused
+from geoclus.cluster.sim import SimSettings, Simulation
+from quorum.votes import QuorumKind
+
+A, B = [0, 1], [2, 3]
+
+
+def _sim(kind: QuorumKind = QuorumKind.MAJORITY) -> Simulation:
+    s = SimSettings(nodes=4, kind=kind, drop_p=0.0, dup_p=0.0, slow_p=0.0)
+    return Simulation(7, s)
+
+
+def _run_until(sim: Simulation, t: float) -> None:
+    while sim._queue and sim._queue[0][0] <= t:
+        at, _, kind, data = heapq.heappop(sim._queue)
+        sim.now = at
+        sim._step(kind, data)
+    sim.now = t
+
+
+def _cut(sim: Simulation, left: list[int], right: list[int]) -> None:
+    for a in left:
+        for b in right:
+            sim.cut |= {(a, b), (b, a)}
+
+
+def _force(sim: Simulation, node: int, site: str) -> None:
+    core = sim.cores[node]
+    assert core is not None
+    sim._run_actions(node, core.force_quorum(site, sim.now))
+
+
+def _acting(sim: Simulation) -> dict[int, bool]:
+    return {n: c.acting(sim.now) for n, c in sim.cores.items() if c is not None}
+
+
+def _one_view(sim: Simulation, nodes: list[int]) -> bool:
+    cores = [sim.cores[n] for n in nodes]
+    return (
+        all(c is not None and c.acting(sim.now) for c in cores)
+        and len({c.view for c in cores if c}) == 1
+        and all(c is not None and c.members == frozenset(nodes) for c in cores)
+    )
+
+
+def test_force_is_refused_while_the_other_site_answers() -> None:
+    sim = _sim()
+    _run_until(sim, 20)
+    assert _one_view(sim, A + B)
+    core = sim.cores[2]
+    assert core is not None
+    with pytest.raises(ForceRefused, match="still answer heartbeats"):
+        core.force_quorum("B", sim.now)
+    with pytest.raises(ForceRefused, match="not A"):
+        core.force_quorum("A", sim.now)
+    assert not core.disk.forced
+
+
+def test_forced_site_acts_alone_and_the_override_ends_when_the_cluster_heals() -> None:
+    sim = _sim()
+    _run_until(sim, 20)
+    _cut(sim, A, B)
+    _run_until(sim, 20 + sim.spec.stop_bound_s + 0.01)
+    assert not any(_acting(sim).values()), "half of a majority cluster must stop"
+    _force(sim, 2, "B")
+    _run_until(sim, sim.now + 10)
+    assert _one_view(sim, B)
+    assert all(sim.cores[n].disk.forced for n in B)  # type: ignore[union-attr]
+    assert not any(_acting(sim)[n] for n in A)
+    locker = sim.cores[sim.cores[2].view[1]]  # type: ignore[union-attr,index]
+    assert locker is not None
+    sim._run_actions(locker.id, locker.submit("forced-update", {"op": "set"}, sim.now))
+    _run_until(sim, sim.now + 3)
+    assert [e.uid for e in locker.committed()] == ["forced-update"]
+
+    sim.cut.clear()
+    _run_until(sim, sim.now + 30)
+    assert _one_view(sim, A + B)
+    for n in A + B:
+        core = sim.cores[n]
+        assert core is not None and not core.disk.forced
+        assert "forced-update" in [e.uid for e in core.committed()]
+
+
+def test_forced_flag_survives_a_restart_of_a_forced_node() -> None:
+    sim = _sim()
+    _run_until(sim, 20)
+    _cut(sim, A, B)
+    _run_until(sim, 20 + sim.spec.stop_bound_s + 0.01)
+    _force(sim, 3, "B")
+    _run_until(sim, sim.now + 10)
+    assert sim.persisted[3].forced
+    sim._restart(3)
+    _run_until(sim, sim.now + 15)
+    assert _one_view(sim, B)
+
+
+def test_a_planned_leave_re_forms_without_waiting_for_missed_heartbeats() -> None:
+    sim = _sim()
+    _run_until(sim, 20)
+    assert _one_view(sim, A + B)
+    view = sim.cores[0].view  # type: ignore[union-attr]
+    leaver = next(n for n in A + B if n != view[1])
+    sim.cores[leaver] = None  # it stops after telling everyone
+    for n in A + B:
+        core = sim.cores[n]
+        if core is not None:
+            sim._run_actions(n, core.node_left(leaver, sim.now))
+    rest = [n for n in A + B if n != leaver]
+    # Well under the missed-heartbeat threshold (lease) the others are a view again.
+    _run_until(sim, sim.now + sim.spec.timers.regroup_answer_timeout_s + 1.0)
+    assert sim.spec.timers.regroup_answer_timeout_s + 1.0 < sim.spec.max_lease_s
+    assert _one_view(sim, rest)
