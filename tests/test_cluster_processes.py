@@ -194,3 +194,68 @@ def test_majority_without_witness_stops_both_sides_until_forced(lab_factory):
     except Exception:
         print(lab.logs())
         raise
+
+
+def test_evict_refuses_the_node_and_leave_re_forms_at_once(lab_factory):
+    lab = lab_factory(quorum="majority+witness")
+    everyone = list(lab.nodes)
+    try:
+        lab.wait_for("the four nodes to form one view", lambda: lab.formed(everyone), 60)
+
+        # check-latency: a verdict per link and network, every probe answered.
+        r = lab.cli(
+            "cluster", "check-latency", "--json", "--count", "30", "--config", lab.config("a1")
+        )
+        links = json.loads(r.stdout)
+        assert sorted(link["peer"] for link in links) == ["a2", "b1", "b2"]
+        assert all(link["samples"] == 30 and link["lost"] == 0 for link in links), links
+        assert r.returncode == (0 if all(link["ok"] for link in links) else 1)
+
+        st0 = lab.status("a1")
+        assert st0 is not None
+        generation = st0["key_generation"]
+        r = lab.cli("cluster", "evict", "b2", "--config", lab.config("a1"))
+        assert r.returncode == 0, r.stderr
+        rest = ["a1", "a2", "b1"]
+        lab.wait_for("the view without b2", lambda: lab.formed(rest), 30)
+        lab.wait_for(
+            "the heartbeat key to rotate everywhere",
+            lambda: all(
+                (s or {}).get("key_generation", 0) > generation for s in lab.statuses(rest).values()
+            ),
+            10,
+        )
+        # b2 still runs and still tries: its connections are refused and its
+        # heartbeats (old key) dropped; it never gets back in.
+        lab.wait_for(
+            "b2's connections to be refused",
+            lambda: any(
+                any("evicted" in k for k in (s or {}).get("dropped", {}))
+                for s in lab.statuses(rest).values()
+            ),
+            10,
+        )
+        for _ in range(10):
+            assert lab.formed(rest)
+            b2 = lab.status("b2")
+            assert b2 is not None and not b2["acting"]
+        r = lab.cli("cluster", "get", "--json", "--config", lab.config("b1"))
+        assert json.loads(r.stdout)["evicted"] == ["b2"]
+
+        # A planned leave: the others form their next view at once, well
+        # before the missed-heartbeat threshold (2 s here) would notice.
+        r = lab.cli("cluster", "leave", "--config", lab.config("a2"))
+        assert r.returncode == 0, r.stderr
+        lab.wait_for("the view without a2", lambda: lab.formed(["a1", "b1"]), 20)
+        assert lab.procs["a2"].wait(timeout=10) == 0
+        left = _events(lab, "b1", "membership", "a2 leaves the cluster")
+        assert left, "the leave was not in the replicated event log"
+        formed = [
+            e["wall_time"]
+            for e in _events(lab, "a1", "view", "members [a1, b1]")
+            if e["wall_time"] >= left[0]["wall_time"]
+        ]
+        assert formed and formed[0] - left[0]["wall_time"] < 1.0, (left, formed)
+    except Exception:
+        print(lab.logs())
+        raise

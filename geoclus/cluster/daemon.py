@@ -86,6 +86,7 @@ class _Peer:
     rtt: dict[int, RttWindow] = field(default_factory=dict)
     events_acked: tuple[int, int] = (0, 0)
     epoch: int = 0
+    left_epoch: int = -1  # the epoch in which it announced a planned leave
     probes: dict[float, int] | None = None  # check-latency: ping sent_at -> network
     probe_rtts: dict[int, list[float]] = field(default_factory=dict)
 
@@ -151,6 +152,7 @@ class NodeDaemon:
         self._committed = trio.Event()
         self._stopping = False
         self._cancel: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
         self.started_at = 0.0
         self._last_checkpoint = 0.0
         self._was_acting = False
@@ -185,6 +187,7 @@ class NodeDaemon:
         self._event("node", f"node {self.cfg.node} starts (epoch {self.epoch})")
         async with trio.open_nursery() as nursery:
             self._cancel = nursery.cancel_scope
+            self._nursery = nursery
             nursery.start_soon(self._core_loop)
             for net, udp in enumerate(self._udp):
                 nursery.start_soon(self._udp_loop, net, udp)
@@ -313,6 +316,8 @@ class NodeDaemon:
             if peer is None or peer.name in self.db.evicted:
                 self.codec.dropped["evicted"] += 1
                 continue
+            if hb.epoch <= peer.left_epoch:
+                continue  # it left on purpose; it is back only with a new epoch
             now = trio.current_time()
             if isinstance(hb.msg, Pong):
                 self._on_pong(peer, net, hb.msg, now)
@@ -447,12 +452,8 @@ class NodeDaemon:
                         n.start_soon(self._link_receive, peer, tls, reader, n.cancel_scope)
                         async for msg in peer.outbox_recv:
                             await tls.send_all(wire.encode(msg))
-            except (
-                trio.BrokenResourceError,
-                trio.TooSlowError,
-                wire.WireError,
-                GeoclusError,
-            ) as exc:
+            except (*_LINK_ERRORS, ExceptionGroup) as exc:
+                _only_link_errors(exc)
                 log.debug("link to %s: %s", peer.name, exc)
             finally:
                 peer.connected = False
@@ -504,18 +505,17 @@ class NodeDaemon:
                 while True:
                     msg = await reader.next(tls)
                     if name in self.db.evicted:
+                        self.dropped["refused connection (evicted)"] += 1
                         await tls.send_all(wire.encode(wire.Refused(f"{name}: evicted")))
                         return
-                    await self._incoming(src, name, msg, tls)
-            except (
-                trio.BrokenResourceError,
-                trio.TooSlowError,
-                wire.WireError,
-                GeoclusError,
-            ) as exc:
+                    await self._incoming(src, name, msg, tls, hello.epoch)
+            except (*_LINK_ERRORS, ExceptionGroup) as exc:
+                _only_link_errors(exc)
                 log.debug("connection from peer: %s", exc)
 
-    async def _incoming(self, src: int, name: str, msg: Any, tls: TlsSocketStream) -> None:
+    async def _incoming(
+        self, src: int, name: str, msg: Any, tls: TlsSocketStream, epoch: int
+    ) -> None:
         if isinstance(msg, wire.EventBatch):
             top = (0, 0)
             fresh = []
@@ -532,6 +532,7 @@ class NodeDaemon:
         elif isinstance(msg, wire.Hello):
             self._adopt_key(msg)
         elif isinstance(msg, wire.Leave):
+            self.peers[src].left_epoch = epoch
             async with self._lock:
                 now = trio.current_time()
                 self._event("membership", f"node {name} leaves the cluster (planned)")
@@ -580,12 +581,8 @@ class NodeDaemon:
                         n.start_soon(receive, n.cancel_scope, tls, reader)
                         async for msg in self.witness_out_recv:
                             await tls.send_all(wire.encode(msg))
-            except (
-                trio.BrokenResourceError,
-                trio.TooSlowError,
-                wire.WireError,
-                GeoclusError,
-            ) as exc:
+            except (*_LINK_ERRORS, ExceptionGroup) as exc:
+                _only_link_errors(exc)
                 log.debug("witness link: %s", exc)
             finally:
                 self.witness_connected = False
@@ -792,7 +789,8 @@ class NodeDaemon:
                 await self._run(actions, None)
             return {"forced": site}
         if cmd == "leave":
-            await self.leave()
+            assert self._nursery is not None
+            self._nursery.start_soon(self.leave)  # answer first, then stop
             return {"left": self.cfg.node}
         if cmd == "check_latency":
             count = int(req.get("count", 200))
@@ -836,7 +834,7 @@ class NodeDaemon:
             self._enqueue(
                 peer.outbox_send, wire.Leave(self.cfg.node), f"outbox to {peer.name} full"
             )
-        await trio.sleep(0.2)  # let the links flush
+        await trio.sleep(0.3)  # let the links flush (and the control answer go out)
         if self._cancel is not None:
             self._cancel.cancel()
 
@@ -885,6 +883,15 @@ class NodeDaemon:
                 )
             peer.probes = None
         return out
+
+
+def _only_link_errors(exc: BaseException) -> None:
+    """Re-raise ``exc`` unless it is (a group of) link failures, which only
+    end one connection."""
+    if isinstance(exc, BaseExceptionGroup):
+        _, rest = exc.split(_LINK_ERRORS)
+        if rest is not None:
+            raise rest
 
 
 def t_budget(cfg: ClusterConfig) -> float:

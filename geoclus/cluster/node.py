@@ -207,6 +207,7 @@ class NodeCore:
         self.regroups_started = 0
         self._now = now
         self._left: set[int] = set()  # announced a planned exit (and are stopped)
+        self._leaving = False  # I am leaving: silent from now on
         # Until when my installed view's start fence runs (it protects against
         # older views still acting). After a restart it is unknown: assume the
         # longest a fence can be.
@@ -322,6 +323,7 @@ class NodeCore:
         self._was_acting = False
         self._vc = None
         self._next_regroup = float("inf")
+        self._leaving = True
         return out
 
     def on_message(self, src: int, msg: Message | VoteReply, now: float) -> list[Action]:
@@ -374,6 +376,8 @@ class NodeCore:
     # --- heartbeats ------------------------------------------------------------------
 
     def _on_ping(self, src: int, msg: Ping, now: float, out: list[Action]) -> None:
+        if self._leaving:
+            return
         my_view = self.disk.normal_view if self.installed else NO_VIEW
         if self.installed and msg.view == my_view:
             self._last_pong_sent_in_view = now
