@@ -18,7 +18,7 @@ import os
 
 import pytest
 
-from geoclus.testing.clusterlab import ClusterLab
+from geoclus.testing.clusterlab import ClusterLab, partition_and_heal
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for ip netns and nft")
 
@@ -56,75 +56,27 @@ def _set(lab: ClusterLab, node: str, key: str, value: str, timeout_s: float = 10
 
 def test_witness_keeps_one_side_and_history_survives_the_cut(lab_factory):
     lab = lab_factory(quorum="majority+witness")
-    everyone = list(lab.nodes)
     try:
-        lab.wait_for("the four nodes to form one view", lambda: lab.formed(everyone), 60)
-        r = _set(lab, "a2", "app.before", "1")
-        assert r.returncode == 0, r.stderr
-
-        st = lab.status("a1")
-        assert st is not None
-        stop_bound_s = st["stop_bound_s"]
-        winner_site = lab.nodes[st["locker"]]  # the witness is sticky to the locker's side
-        loser_site = "B" if winner_site == "A" else "A"
-        winners, losers = lab.site_nodes(winner_site), lab.site_nodes(loser_site)
-
-        import time
-
-        t_cut = time.time()
-        lab.cut("A", "B")
-        lab.wait_for(
-            f"site {loser_site} to stop",
-            lambda: not any(lab.acting(losers).values()),
-            stop_bound_s + 5,
-        )
-        lab.wait_for(f"site {winner_site} to re-form", lambda: lab.formed(winners), 30)
-
-        # The losing side stopped within the bound, before the winners acted again.
-        lost_at = {}
-        for n in losers:
-            evs = [e for e in _events(lab, n, "quorum", "loses quorum") if e["wall_time"] > t_cut]
-            assert evs, f"{n} never logged losing quorum"
-            lost_at[n] = evs[0]["wall_time"]
-            assert lost_at[n] - t_cut <= stop_bound_s + SLACK_S, (n, lost_at[n] - t_cut)
-        regained = [
-            e["wall_time"]
-            for n in winners
-            for e in _events(lab, n, "quorum", "gains quorum")
-            if e["wall_time"] > t_cut
-        ]
-        assert regained, "the winning side never acted in its new view"
-        assert min(regained) >= max(lost_at.values()), "the two sides' quorum overlapped"
-
-        # During the cut: the winners commit, the losers cannot.
-        assert _set(lab, winners[0], "app.during", "2").returncode == 0
-        r = _set(lab, losers[0], "app.loser", "3", timeout_s=3)
-        assert r.returncode != 0 and "not committed" in r.stderr, r.stderr
-        for _ in range(5):
-            assert not any(lab.acting(losers).values())
-
-        lab.heal()
-        lab.wait_for("the cluster to re-form after healing", lambda: lab.formed(everyone), 60)
-        assert _set(lab, losers[1], "app.after", "4").returncode == 0
-
-        def one_history() -> bool:
-            h = _histories(lab, everyone)
-            return len({json.dumps(v) for v in h.values()}) == 1
-
-        lab.wait_for("every node to hold one history", one_history, 20)
-        history = _histories(lab, everyone)[everyone[0]]
-        got = {
-            n: json.loads(lab.cli("cluster", "get", "--json", "--config", lab.config(n)).stdout)
-            for n in everyone
-        }
-        assert len({json.dumps(v, sort_keys=True) for v in got.values()}) == 1
-        values = got[everyone[0]]["values"]
-        assert values["app.before"] == 1 and values["app.during"] == 2 and values["app.after"] == 4
+        res = partition_and_heal(lab)
+        # Exactly one side keeps quorum: the losers stopped, within the bound,
+        # before the winners acted in their new view.
+        assert set(res.stopped_after_s) == set(lab.site_nodes(res.loser_site))
+        for n, after_s in res.stopped_after_s.items():
+            assert after_s <= res.stop_bound_s + SLACK_S, (n, after_s)
+        assert res.no_overlap, (res.losers_stopped_at, res.winners_regained_at)
+        assert not res.losers_acting_during_cut
+        # Updates commit only where there is quorum.
+        assert res.winner_update_ok and res.loser_update_refused
+        # After healing: one history, one configuration, on every node.
+        assert res.one_history
+        history = next(iter(res.histories.values()))
         assert [i for i, _ in history] == list(range(1, len(history) + 1))
-
-        # Events are replicated: every node holds every other node's events.
-        origins = {e["origin"] for e in lab.events(winners[0])}
-        assert set(everyone) <= origins
+        assert len({json.dumps(c, sort_keys=True) for c in res.configs.values()}) == 1
+        values = next(iter(res.configs.values()))["values"]
+        assert values["app.before"] == 1 and values["app.during"] == 2 and values["app.after"] == 4
+        # Events are replicated: one node holds every node's events.
+        assert set(lab.nodes) <= {e["origin"] for e in res.events}
+        losers = lab.site_nodes(res.loser_site)
         text = lab.cli("cluster", "status", "--config", lab.config(losers[0])).stdout
         assert "HAS QUORUM" in text and "witness" in text
     except Exception:
