@@ -120,3 +120,20 @@ def test_a_planned_leave_re_forms_without_waiting_for_missed_heartbeats() -> Non
     _run_until(sim, sim.now + sim.spec.timers.regroup_answer_timeout_s + 1.0)
     assert sim.spec.timers.regroup_answer_timeout_s + 1.0 < sim.spec.max_lease_s
     assert _one_view(sim, rest)
+
+
+def test_a_leaving_locker_is_not_taken_into_the_next_view() -> None:
+    sim = _sim()
+    _run_until(sim, 20)
+    view = sim.cores[0].view  # type: ignore[union-attr]
+    locker = sim.cores[view[1]]
+    assert locker is not None
+    sim._run_actions(locker.id, locker.leave(sim.now))  # silent from now on, still running
+    for n in A + B:
+        core = sim.cores[n]
+        if core is not None and n != locker.id:
+            sim._run_actions(n, core.node_left(locker.id, sim.now))
+    rest = [n for n in A + B if n != locker.id]
+    _run_until(sim, sim.now + sim.spec.timers.regroup_answer_timeout_s + 1.0)
+    assert _one_view(sim, rest)
+    assert not locker.acting(sim.now)

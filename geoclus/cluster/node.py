@@ -328,6 +328,8 @@ class NodeCore:
 
     def on_message(self, src: int, msg: Message | VoteReply, now: float) -> list[Action]:
         """Handle one message from node ``src`` (or the witness)."""
+        if self._leaving:
+            return []  # leaving: no answers, no promises
         out: list[Action] = []
         if isinstance(msg, Ping):
             self._on_ping(src, msg, now, out)
@@ -376,8 +378,6 @@ class NodeCore:
     # --- heartbeats ------------------------------------------------------------------
 
     def _on_ping(self, src: int, msg: Ping, now: float, out: list[Action]) -> None:
-        if self._leaving:
-            return
         my_view = self.disk.normal_view if self.installed else NO_VIEW
         if self.installed and msg.view == my_view:
             self._last_pong_sent_in_view = now
