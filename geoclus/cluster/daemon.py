@@ -42,6 +42,7 @@ import re
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -421,16 +422,28 @@ class NodeDaemon:
                 last = exc
         raise GeoclusError(f"cannot reach {expected}: {last}")
 
-    async def _link(self, peer: _Peer) -> None:
-        """The outgoing connection to ``peer``: carries this node's messages."""
+    async def _outgoing(
+        self,
+        expected: str,
+        addresses: tuple[Endpoint, ...],
+        outbox: trio.MemoryReceiveChannel[Any],
+        on_hello: Callable[[Any], None],
+        on_frame: Callable[[Any], None],
+        set_connected: Callable[[bool], None],
+    ) -> None:
+        """One outgoing link kept open: connect (each network in turn),
+        exchange Hellos (``on_hello`` raises GeoclusError to refuse the
+        answer), send the outbox, hand every frame received back to
+        ``on_frame``; on any link failure reconnect after ``RECONNECT_S``
+        (what was queued meanwhile is dropped: the core resends)."""
         while True:
-            if peer.name in self.db.evicted:
+            if expected in self.db.evicted:
                 await trio.sleep(RECONNECT_S * 4)
                 continue
             try:
-                tls = await self._open(peer.addresses, peer.name)
+                tls = await self._open(addresses, expected)
             except GeoclusError:
-                await self._drain(peer.outbox_recv)
+                await self._drain(outbox)
                 await trio.sleep(RECONNECT_S)
                 continue
             try:
@@ -438,40 +451,83 @@ class NodeDaemon:
                     await tls.send_all(wire.encode(self._hello()))
                     reader = wire.FrameReader(self.max_frame_bytes)
                     with trio.fail_after(HELLO_TIMEOUT_S):
-                        hello = await reader.next(tls)
-                    if isinstance(hello, wire.Refused):
-                        raise GeoclusError(f"{peer.name} refused us: {hello.reason}")
-                    hello = self._check_hello(hello, peer.name)
-                    self._adopt_key(hello)
-                    if hello.epoch != peer.epoch:
-                        peer.epoch = hello.epoch
-                        peer.events_acked = (0, 0)
-                    peer.connected = True
-                    self._new_events.set()
+                        first = await reader.next(tls)
+                    if isinstance(first, wire.Refused):
+                        raise GeoclusError(f"{expected} refused us: {first.reason}")
+                    on_hello(first)
+                    set_connected(True)
                     async with trio.open_nursery() as n:
-                        n.start_soon(self._link_receive, peer, tls, reader, n.cancel_scope)
-                        async for msg in peer.outbox_recv:
+                        n.start_soon(self._receive_replies, tls, reader, on_frame, n.cancel_scope)
+                        async for msg in outbox:
                             await tls.send_all(wire.encode(msg))
             except (*_LINK_ERRORS, ExceptionGroup) as exc:
                 _only_link_errors(exc)
-                log.debug("link to %s: %s", peer.name, exc)
+                log.debug("link to %s: %s", expected, exc)
             finally:
-                peer.connected = False
+                set_connected(False)
             await trio.sleep(RECONNECT_S)
 
-    async def _link_receive(
-        self, peer: _Peer, tls: TlsSocketStream, reader: wire.FrameReader, scope: trio.CancelScope
+    @staticmethod
+    async def _receive_replies(
+        tls: TlsSocketStream,
+        reader: wire.FrameReader,
+        on_frame: Callable[[Any], None],
+        scope: trio.CancelScope,
     ) -> None:
         try:
             while True:
-                msg = await reader.next(tls)
-                if isinstance(msg, wire.EventAck):
-                    peer.events_acked = max(peer.events_acked, (msg.epoch, msg.seq))
-                elif isinstance(msg, wire.Hello):
-                    self._adopt_key(msg)
+                on_frame(await reader.next(tls))
         except (trio.BrokenResourceError, wire.WireError, GeoclusError):
             pass
         scope.cancel()
+
+    async def _link(self, peer: _Peer) -> None:
+        """The outgoing connection to ``peer``: carries this node's messages."""
+
+        def on_hello(first: Any) -> None:
+            hello = self._check_hello(first, peer.name)
+            self._adopt_key(hello)
+            if hello.epoch != peer.epoch:
+                peer.epoch = hello.epoch
+                peer.events_acked = (0, 0)  # a restarted peer gets the history again
+            self._new_events.set()
+
+        def on_frame(msg: Any) -> None:
+            if isinstance(msg, wire.EventAck):
+                peer.events_acked = max(peer.events_acked, (msg.epoch, msg.seq))
+            elif isinstance(msg, wire.Hello):
+                self._adopt_key(msg)
+
+        def set_connected(up: bool) -> None:
+            peer.connected = up
+
+        await self._outgoing(
+            peer.name, peer.addresses, peer.outbox_recv, on_hello, on_frame, set_connected
+        )
+
+    async def _witness_link(self) -> None:
+        """The outgoing connection to the witness: vote requests out, replies in."""
+        assert self.cfg.witness is not None
+
+        def on_hello(first: Any) -> None:
+            if not isinstance(first, wire.Hello) or first.cluster != self.cfg.name:
+                raise GeoclusError("the witness serves another cluster")
+
+        def on_frame(reply: Any) -> None:
+            if isinstance(reply, VoteReply):
+                self._enqueue(self.inbox_send, (WITNESS, reply, None), "inbox full")
+
+        def set_connected(up: bool) -> None:
+            self.witness_connected = up
+
+        await self._outgoing(
+            WITNESS_NAME,
+            (self.cfg.witness,),
+            self.witness_out_recv,
+            on_hello,
+            on_frame,
+            set_connected,
+        )
 
     @staticmethod
     async def _drain(channel: trio.MemoryReceiveChannel[Any]) -> None:
@@ -541,52 +597,6 @@ class NodeDaemon:
             self.dropped["unexpected message on a link"] += 1
         else:
             self._enqueue(self.inbox_send, (src, msg, None), "inbox full")
-
-    async def _witness_link(self) -> None:
-        assert self.cfg.witness is not None
-        while True:
-            try:
-                tls = await self._open((self.cfg.witness,), WITNESS_NAME)
-            except GeoclusError:
-                await self._drain(self.witness_out_recv)
-                await trio.sleep(RECONNECT_S)
-                continue
-            try:
-                async with tls:
-                    await tls.send_all(wire.encode(self._hello()))
-                    reader = wire.FrameReader(self.max_frame_bytes)
-                    with trio.fail_after(HELLO_TIMEOUT_S):
-                        first = await reader.next(tls)
-                    if isinstance(first, wire.Refused):
-                        raise GeoclusError(f"the witness refused us: {first.reason}")
-                    if not isinstance(first, wire.Hello) or first.cluster != self.cfg.name:
-                        raise GeoclusError("the witness serves another cluster")
-                    self.witness_connected = True
-
-                    async def receive(
-                        scope: trio.CancelScope, tls: TlsSocketStream, reader: wire.FrameReader
-                    ) -> None:
-                        try:
-                            while True:
-                                reply = await reader.next(tls)
-                                if isinstance(reply, VoteReply):
-                                    self._enqueue(
-                                        self.inbox_send, (WITNESS, reply, None), "inbox full"
-                                    )
-                        except (trio.BrokenResourceError, wire.WireError):
-                            pass
-                        scope.cancel()
-
-                    async with trio.open_nursery() as n:
-                        n.start_soon(receive, n.cancel_scope, tls, reader)
-                        async for msg in self.witness_out_recv:
-                            await tls.send_all(wire.encode(msg))
-            except (*_LINK_ERRORS, ExceptionGroup) as exc:
-                _only_link_errors(exc)
-                log.debug("witness link: %s", exc)
-            finally:
-                self.witness_connected = False
-            await trio.sleep(RECONNECT_S)
 
     # --- events ----------------------------------------------------------------------
 
