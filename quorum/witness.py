@@ -57,7 +57,9 @@ class VoteRequest:
 class VoteReply:
     """The witness's answer: the vote for ``view`` counts for ``lease_s`` from
     the request's send time, and not before ``wait_s`` after this reply
-    arrives (both 0 when refused)."""
+    arrives. A refusal has ``lease_s`` 0; its ``wait_s`` is 0 for a no, and
+    for "collecting requests" it says when to ask again (the witness decides
+    only on a request that arrives after its collect window)."""
 
     view: View
     granted: bool
@@ -119,7 +121,7 @@ class WitnessCore:
         if self._collect_until is None or now > self._collect_until + self.collect_s:
             self._collect_until = now + self.collect_s
         if now < self._collect_until:
-            return self._refuse(req, "collecting requests before deciding", wait=True)
+            return self._refuse(req, "collecting requests before deciding", wait=True, now=now)
         best = min(
             (r for r, _ in self._pending.values()),
             key=lambda r: (-len(r.members), min(r.members, default=1 << 30), r.view),
@@ -145,10 +147,17 @@ class WitnessCore:
         self.grants += 1
         return VoteReply(req.view, True, self.lease_s, wait_s, self.recorded, "granted", req.echo)
 
-    def _refuse(self, req: VoteRequest, reason: str, wait: bool = False) -> VoteReply:
-        if not wait:
+    def _refuse(
+        self, req: VoteRequest, reason: str, wait: bool = False, now: float = 0.0
+    ) -> VoteReply:
+        retry_s = 0.0
+        if wait:
+            # Not a no: ask again once the collect window has closed.
+            assert self._collect_until is not None
+            retry_s = max(0.0, self._collect_until - now) + self.collect_s / 10
+        else:
             self.refusals += 1
-        return VoteReply(req.view, False, 0.0, 0.0, self.recorded, reason, req.echo)
+        return VoteReply(req.view, False, 0.0, retry_s, self.recorded, reason, req.echo)
 
     def force_release(self) -> None:
         """Operator override: forget the holder (the next request may win)."""

@@ -106,3 +106,22 @@ def test_at_most_one_view_holds_the_vote_at_any_time(steps) -> None:
                 assert e1 <= s2 + 1e-9 or e2 <= s1 + 1e-9, (
                     f"{v1} [{s1}, {e1}) and {v2} [{s2}, {e2})"
                 )
+
+
+def test_a_lone_requester_told_to_wait_is_granted_when_it_asks_again() -> None:
+    """ "Collecting" is not a no: the reply says when to ask again, and a
+    request at that time wins (a coordinator that only retried on its own
+    back-off, seconds apart, would start a new window every time)."""
+    w = WitnessCore(LEASE, COLLECT)
+    r = req((4, 1), {1, 2})
+    first = w.on_request(r, 100.0)
+    assert not first.granted and first.wait_s > 0
+    assert w.refusals == 0  # not counted as a refusal
+    again = w.on_request(r, 100.0 + first.wait_s)
+    assert again.granted
+    # Retrying only on a slow back-off (past the next window) never wins.
+    slow = WitnessCore(LEASE, COLLECT)
+    t = 0.0
+    for _ in range(5):
+        assert not slow.on_request(r, t).granted
+        t += COLLECT * 3

@@ -167,6 +167,8 @@ class _ViewChange:
     witness_asked_at: float | None = None
     witness_reply: VoteReply | None = None
     witness_reply_at: float = 0.0
+    witness_request: VoteRequest | None = None
+    witness_retry_at: float | None = None
 
 
 class ForceRefused(Exception):
@@ -309,8 +311,12 @@ class NodeCore:
         self._heard_view.pop(node, None)
         self._vote_until.pop(node, None)
         self._left.add(node)
-        if self._vc is None and (self.is_locker or node == self.view[1]):
+        if self._vc is None and self.is_locker:
             self._next_regroup = now
+        elif self._vc is None and node == self.view[1]:
+            # The locker left: members take turns (lower ids first) instead
+            # of all starting rival view changes on the same tick.
+            self._next_regroup = now + self._stagger()
         return self._tick(now)
 
     def leave(self, now: float) -> list[Action]:
@@ -363,6 +369,8 @@ class NodeCore:
         deadlines = [self._next_ping]
         if self._vc is not None:
             deadlines.append(self._vc.deadline)
+            if self._vc.witness_retry_at is not None:
+                deadlines.append(self._vc.witness_retry_at)
         else:
             deadlines.append(self._next_regroup)
         if self._wake_at_act is not None:
@@ -531,18 +539,10 @@ class NodeCore:
             best = self._best(vc)
             vc.witness_asked_at = now
             vc.deadline = now + self.spec.timers.regroup_answer_timeout_s
-            out.append(
-                Send(
-                    WITNESS,
-                    VoteRequest(
-                        vc.view,
-                        members,
-                        (best.normal_view, len(best.log)),
-                        record=False,
-                        echo=now,
-                    ),
-                )
+            vc.witness_request = VoteRequest(
+                vc.view, members, (best.normal_view, len(best.log)), record=False, echo=now
             )
+            out.append(Send(WITNESS, vc.witness_request))
             return
         self._fail_view_change(now, f"no quorum: {nodes_only.reason}", out)
 
@@ -629,6 +629,9 @@ class NodeCore:
     def _on_witness(self, msg: VoteReply, now: float, out: list[Action]) -> None:
         vc = self._vc
         if vc is not None and msg.view == vc.view and vc.witness_asked_at is not None:
+            if not msg.granted and msg.wait_s > 0 and now + msg.wait_s < vc.deadline:
+                vc.witness_retry_at = now + msg.wait_s  # it is still collecting: ask again
+                return
             if not msg.granted:
                 self._fail_view_change(now, f"witness refused: {msg.reason}", out)
                 return
@@ -771,6 +774,11 @@ class NodeCore:
                     )
                 )
         vc = self._vc
+        if vc is not None and vc.witness_retry_at is not None and now >= vc.witness_retry_at:
+            assert vc.witness_request is not None
+            vc.witness_retry_at = None
+            vc.witness_request = dataclasses.replace(vc.witness_request, echo=now)
+            out.append(Send(WITNESS, vc.witness_request))
         if vc is not None and now >= vc.deadline:
             if vc.witness_asked_at is not None:
                 self._fail_view_change(now, "the witness did not answer", out)
