@@ -47,6 +47,7 @@ demo: $(STAMP) $(DEBSTAMP)
 sim: $(STAMP)
 	$(VENV)/bin/geoclus sim --kind majority --seeds 2000 --duration 240
 	$(VENV)/bin/geoclus sim --kind majority+witness --seeds 2000 --duration 240
+	$(VENV)/bin/geoclus sim --kind disk --seeds 2000 --duration 240
 
 bench: $(STAMP) $(DEBSTAMP)
 	$(VPY) -m pip install -q -e '.[test,bench]'

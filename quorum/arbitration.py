@@ -116,6 +116,18 @@ class Arbiter:
         self._counter = 0
         self.gave_up = 0
         self.last_error = ""
+        self.defended_by: int | None = None  # who held the disk when we last gave up
+
+    @property
+    def busy(self) -> bool:
+        """An operation is outstanding (its result has not been fed back)."""
+        return self._busy
+
+    def held_until(self, now: float) -> float:
+        """Until when this node owns the disk (``now`` or earlier: it does not)."""
+        if not self.owns(now):
+            return now
+        return self._held_from + self.t.hold_s
 
     def owns(self, now: float) -> bool:
         """True while this node may act as the disk's owner: from the start of
@@ -134,6 +146,7 @@ class Arbiter:
         self.phase = Phase.CHALLENGE_READ
         self._started = now
         self._busy = True
+        self.defended_by = None
         return [ReadDisk("challenge")]
 
     def release(self) -> None:
@@ -176,7 +189,8 @@ class Arbiter:
         self._busy = True
         return [WriteDisk("renew", self._claim)]
 
-    def _give_up(self, why: str) -> list[ReadDisk | WriteDisk]:
+    def _give_up(self, why: str, holder: int | None = None) -> list[ReadDisk | WriteDisk]:
+        self.defended_by = holder
         self.phase = Phase.IDLE
         self._busy = False
         self.gave_up += 1
@@ -198,7 +212,7 @@ class Arbiter:
             if tag == "recheck":
                 # the owner renewed while we waited: it defended
                 self._seen = None
-                return self._give_up(f"node {record.owner} defended the disk")
+                return self._give_up(f"node {record.owner} defended the disk", record.owner)
             self._seen = record
             self.phase = Phase.CHALLENGE_WAIT
             self._wake = now + self.t.min_arbitration_s
@@ -211,7 +225,7 @@ class Arbiter:
                 self._won_at = now
                 self._wake = now
                 return self.on_tick(now)
-            return self._give_up(f"node {record.owner} holds the disk")
+            return self._give_up(f"node {record.owner} holds the disk", record.owner)
         return []
 
     def _write_claim(self, seen: Reservation) -> list[ReadDisk | WriteDisk]:

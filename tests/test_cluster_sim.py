@@ -24,7 +24,7 @@ from geoclus.cluster import node as node_mod
 from geoclus.cluster.sim import SafetyViolation, SimSettings, Simulation, settings_for_seed
 from quorum.votes import QuorumKind
 
-KINDS = [QuorumKind.MAJORITY, QuorumKind.MAJORITY_WITNESS]
+KINDS = [QuorumKind.MAJORITY, QuorumKind.MAJORITY_WITNESS, QuorumKind.DISK]
 
 
 def _seeds(config: pytest.Config) -> list[int]:
@@ -148,3 +148,38 @@ def test_checker_catches_a_dropped_start_fence(broken: pytest.MonkeyPatch) -> No
     found = _first_violation(QuorumKind.MAJORITY, 30)
     assert found is not None, "a dropped start fence was not caught in 30 seeds"
     assert "two views act at once" in found[1]
+
+
+def test_checker_catches_a_coordinator_that_ignores_the_quorum_log(
+    broken: pytest.MonkeyPatch,
+) -> None:
+    """With the ``disk`` quorum an update is committed once the locker wrote
+    it to the quorum disk, so a new coordinator must take the log it finds
+    there: one that reads an empty log instead loses committed updates."""
+    read = node_mod.NodeCore.on_log_read
+
+    def blind(self, image, now):  # type: ignore[no-untyped-def]
+        empty = None if image is None else node_mod.LogImage(node_mod.NO_VIEW, ())
+        return read(self, empty, now)
+
+    broken.setattr(node_mod.NodeCore, "on_log_read", blind)
+    found = _first_violation(QuorumKind.DISK, 60)
+    assert found is not None, "an ignored quorum log was not caught in 60 seeds"
+    assert "committed" in found[1]
+
+
+def test_checker_catches_members_that_outlive_the_disk_owner(
+    broken: pytest.MonkeyPatch,
+) -> None:
+    """Members count the quorum disk only as long as their locker holds it;
+    members that count it 30 s longer keep acting after their side lost the
+    disk, and the checker sees it (two views, or a node past the stop bound)."""
+    until = node_mod.NodeCore._tiebreak_until
+
+    def sticky(self, now):  # type: ignore[no-untyped-def]
+        return until(self, now) + (0.0 if self.is_locker else 30.0)
+
+    broken.setattr(node_mod.NodeCore, "_tiebreak_until", sticky)
+    found = _first_violation(QuorumKind.DISK, 120)
+    assert found is not None, "members outliving the disk owner were not caught in 120 seeds"
+    assert "two views act at once" in found[1] or "after losing every path" in found[1]

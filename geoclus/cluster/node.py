@@ -70,6 +70,7 @@ from geoclus.cluster.messages import (
     Submit,
     View,
 )
+from quorum.arbitration import Arbiter, ArbitrationTimers, Phase, ReadDisk, Reservation, WriteDisk
 from quorum.votes import QuorumDecision, QuorumKind, commit_needed, decide
 from quorum.witness import VoteReply, VoteRequest
 
@@ -101,6 +102,7 @@ class ClusterSpec:
     timers: ClusterTimers = ClusterTimers()
     max_log_entries: int = 100_000
     max_pending_submits: int = 1024
+    arbitration: ArbitrationTimers = field(default_factory=ArbitrationTimers)
 
     def lease_s(self, a: int, b: int) -> float:
         return self.timers.lease_s(self.sites.get(a) == self.sites.get(b))
@@ -113,8 +115,14 @@ class ClusterSpec:
     def stop_bound_s(self) -> float:
         """Longest a node cut off from quorum may still act: its last counted
         vote was answered to a ping sent at most this long before the cut
-        could be noticed (one interval of ping spacing plus the longest lease)."""
-        return self.max_lease_s + self.timers.heartbeat_interval_s
+        could be noticed (one interval of ping spacing plus the longest lease).
+        With the ``disk`` quorum a locker cut off from the disk owns it until
+        ``hold_s`` after the start of its last renewal, and its members count
+        it no longer than that."""
+        bound = self.max_lease_s + self.timers.heartbeat_interval_s
+        if self.kind is QuorumKind.DISK:
+            bound = max(bound, self.arbitration.hold_s + self.arbitration.max_io_s)
+        return bound
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +146,30 @@ class Event:
     message: str
 
 
-Action = Send | Persist | Event
+@dataclass(frozen=True, slots=True)
+class LogImage:
+    """The quorum log as the ``disk`` quorum keeps it on the quorum disk:
+    the log of ``view`` (every entry durable on the disk once written)."""
+
+    view: View
+    log: tuple[Entry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadLog:
+    """Read the quorum log from the quorum disk; answer with :meth:`NodeCore.on_log_read`."""
+
+
+@dataclass(frozen=True, slots=True)
+class WriteLog:
+    """Write ``image`` to the quorum disk (both mirrors); answer with
+    :meth:`NodeCore.on_log_written`."""
+
+    image: LogImage
+
+
+DiskAction = ReadDisk | WriteDisk | ReadLog | WriteLog
+Action = Send | Persist | Event | ReadDisk | WriteDisk | ReadLog | WriteLog
 
 
 @dataclass
@@ -169,6 +200,10 @@ class _ViewChange:
     witness_reply_at: float = 0.0
     witness_request: VoteRequest | None = None
     witness_retry_at: float | None = None
+    # disk quorum: "arbitrate", "read-log", "write-view" (or "skipped": forced)
+    disk_phase: str | None = None
+    disk_started: bool = False
+    disk_image: LogImage | None = None  # the new view's image, written before install
 
 
 class ForceRefused(Exception):
@@ -216,6 +251,21 @@ class NodeCore:
         self._fence_until = (
             now + self.spec.stop_bound_s if self.disk.normal_view != NO_VIEW else -1e18
         )
+        # The latest moment a member may count the tie-breaker (witness or
+        # quorum disk) vote I passed on in my Pongs as the locker.
+        self._tiebreak_given_until = (
+            now + self.spec.stop_bound_s
+            if self.disk.normal_view != NO_VIEW and spec.kind is not QuorumKind.MAJORITY
+            else -1e18
+        )
+        self.arbiter: Arbiter | None = None
+        if spec.kind is QuorumKind.DISK:
+            self.arbiter = Arbiter(node_id, spec.arbitration)
+        self._log_writing: tuple[View, int] | None = None  # the log image being written
+        self._forced_tried = False
+        self._forced_retry_at = now
+        self._forced_reason = ""
+        self._log_on_disk = 0  # length of my view's log durable on the quorum disk
 
     # --- queries ---------------------------------------------------------------------
 
@@ -252,8 +302,22 @@ class NodeCore:
             self.spec.nodes,
             self.fresh_voters(now),
             witness_vote=self._witness_until > now,
+            disk_owned=self.installed and self._tiebreak_until(now) > now,
             forced=self.disk.forced,
         )
+
+    def _tiebreak_until(self, now: float) -> float:
+        """Until when my view holds the witness's vote or the quorum disk, as
+        far as I know (the locker knows; members count what it passed on)."""
+        if self.arbiter is not None and self.is_locker:
+            return self.arbiter.held_until(now)
+        return self._witness_until
+
+    def disk_owner_s(self, now: float) -> float:
+        """How much longer my view holds the quorum disk (``disk`` quorum)."""
+        if self.arbiter is None or not self.installed:
+            return 0.0
+        return max(0.0, self._tiebreak_until(now) - now)
 
     def witness_vote_s(self, now: float) -> float:
         """How much longer this node counts the witness's vote for its view."""
@@ -330,7 +394,166 @@ class NodeCore:
         self._vc = None
         self._next_regroup = float("inf")
         self._leaving = True
+        if self.arbiter is not None:
+            self.arbiter.release()  # stop defending: the next owner waits out the hold
         return out
+
+    # --- the quorum disk (``disk`` quorum) -------------------------------------------
+
+    def on_disk_read(
+        self, tag: str, record: Reservation | None, started: float, now: float
+    ) -> list[Action]:
+        """A :class:`ReadDisk` finished (``record`` None: it failed)."""
+        if self.arbiter is None or self._leaving:
+            return []
+        out: list[Action] = list(self.arbiter.on_read(tag, record, started, now))
+        out += self._tick(now)
+        return out
+
+    def on_disk_written(self, tag: str, ok: bool, started: float, now: float) -> list[Action]:
+        """A :class:`WriteDisk` finished (``ok`` False: it did not reach both mirrors)."""
+        if self.arbiter is None or self._leaving:
+            return []
+        out: list[Action] = list(self.arbiter.on_write(tag, ok, started, now))
+        out += self._tick(now)
+        return out
+
+    def on_log_read(self, image: LogImage | None, now: float) -> list[Action]:
+        """A :class:`ReadLog` finished (``image`` None: it failed; an empty
+        disk is an empty image, not a failure)."""
+        out: list[Action] = []
+        vc = self._vc
+        if vc is None or vc.disk_phase != "read-log" or self._leaving:
+            return out
+        if image is None:
+            self._disk_failed(now, "the quorum log could not be read from both mirrors", out)
+        elif image.view >= vc.view:
+            # A view I never heard of was recorded on the disk: a view change
+            # must go above every view that may have formed.
+            self._highest_seen = max(self._highest_seen, image.view)
+            self._fail_view_change(now, f"the quorum disk records view {image.view}", out)
+            self._next_regroup = now
+        else:
+            best = self._best(vc)
+            log = best.log
+            if (image.view, len(image.log)) > (best.normal_view, len(best.log)):
+                # The disk holds a later log than any promiser (its locker is
+                # gone): every entry on it is durable there, hence committed.
+                log = image.log
+            # Record the new view on the disk before anyone installs it, so
+            # every later coordinator (which reads the disk) learns of it.
+            vc.disk_image = LogImage(vc.view, log)
+            vc.disk_phase = "write-view"
+            out.append(WriteLog(vc.disk_image))
+        out += self._tick(now)
+        return out
+
+    def on_log_written(self, image: LogImage, ok: bool, started: float, now: float) -> list[Action]:
+        """The :class:`WriteLog` of ``image`` finished (``ok`` False: it did
+        not reach both mirrors)."""
+        out: list[Action] = []
+        length = len(image.log)
+        vc = self._vc
+        if vc is not None and vc.disk_phase == "write-view" and image == vc.disk_image:
+            slow = now - started > self.spec.arbitration.max_io_s
+            if not ok or slow:
+                self._disk_failed(now, "the new view could not be written to both mirrors", out)
+            else:
+                self._install_as_coordinator(now, out)
+            out += self._tick(now)
+            return out
+        if self._log_writing != (image.view, length) or self.view != image.view:
+            return out
+        self._log_writing = None
+        assert self.arbiter is not None
+        slow = now - started > self.spec.arbitration.max_io_s
+        if ok and not slow and self.is_locker:
+            self._log_on_disk = max(self._log_on_disk, length)
+            self._try_commit(out)
+        out += self._tick(now)
+        return out
+
+    def _write_log(self, now: float, out: list[Action]) -> None:
+        """Locker (``disk`` quorum): put the log on the quorum disk, one write
+        at a time, only while it owns the disk."""
+        arb = self.arbiter
+        if arb is None or not self.is_locker or self._log_writing is not None:
+            return
+        if self.disk.forced or not arb.owns(now) or self._log_on_disk >= len(self.disk.log):
+            return
+        self._log_writing = (self.view, len(self.disk.log))
+        out.append(WriteLog(LogImage(self.view, tuple(self.disk.log))))
+
+    def _disk_drive(self, now: float, out: list[Action]) -> None:
+        """Move a view change's disk step on: arbitrate, then read the log."""
+        vc = self._vc
+        arb = self.arbiter
+        if vc is None or arb is None or vc.disk_phase != "arbitrate":
+            return
+        if arb.owns(now):
+            vc.disk_phase = "read-log"
+            out.append(ReadLog())
+            return
+        if arb.phase is Phase.IDLE and not arb.busy:
+            if vc.disk_started:
+                holder = arb.defended_by
+                self._disk_failed(now, arb.last_error, out, defended=holder is not None)
+                return
+            vc.disk_started = True
+            out.append(Event("arbitration", f"node {self.id} challenges for the quorum disk"))
+            out.extend(arb.arbitrate(now))
+
+    def _forced_disk(self, now: float, out: list[Action]) -> None:
+        """The locker of an operator-forced view takes the quorum disk as soon
+        as it can reach it, so the other site cannot take it when the links
+        come back; holding it, it re-forms the view with a natural quorum
+        (the override ends). If a live owner defends the disk, the other site
+        is running: the override ends at once and this view stops."""
+        arb = self.arbiter
+        if arb is None or not self.is_locker or not self.disk.forced or self._vc is not None:
+            return
+        if arb.owns(now):
+            if self._next_regroup > now:
+                self._next_regroup = now
+                self._forced_reason = "holds the quorum disk: the override can end"
+            return
+        if arb.phase is not Phase.IDLE or arb.busy:
+            return
+        if self._forced_tried and arb.defended_by is not None:
+            self.disk.forced = False
+            out.append(Persist())
+            out.append(
+                Event(
+                    "quorum",
+                    f"node {arb.defended_by} holds the quorum disk and renews it: the other "
+                    "site is running, so the override ends and this view stops",
+                )
+            )
+            self._forced_tried = False
+            return
+        if now >= self._forced_retry_at:
+            self._forced_tried = True
+            self._forced_retry_at = now + self.spec.arbitration.min_arbitration_s
+            out.extend(arb.arbitrate(now))
+
+    def _disk_failed(
+        self, now: float, why: str, out: list[Action], *, defended: bool = False
+    ) -> None:
+        """The disk step failed. An operator-forced partition still forms its
+        view, unless a live owner defended the disk (then the other side is
+        running: forcing would give both sides quorum)."""
+        vc = self._vc
+        assert vc is not None
+        out.append(Event("arbitration", f"node {self.id}: quorum disk not taken ({why})"))
+        if self.disk.forced and not defended:
+            vc.disk_phase = "skipped"
+            self._install_as_coordinator(now, out)
+            return
+        if self.disk.forced:
+            self.disk.forced = False
+            out.append(Persist())
+            out.append(Event("quorum", "the override ends: the quorum disk's owner is alive"))
+        self._fail_view_change(now, f"no quorum: {why}", out)
 
     def on_message(self, src: int, msg: Message | VoteReply, now: float) -> list[Action]:
         """Handle one message from node ``src`` (or the witness)."""
@@ -375,6 +598,10 @@ class NodeCore:
             deadlines.append(self._next_regroup)
         if self._wake_at_act is not None:
             deadlines.append(self._wake_at_act)
+        if self.arbiter is not None:
+            arb_deadline = self.arbiter.next_deadline()
+            if arb_deadline is not None:
+                deadlines.append(arb_deadline)
         # Wake when a vote lease runs out, so losing quorum is noticed (and
         # reported) at that moment rather than at the next ping.
         leases = [*self._vote_until.values(), self._witness_until]
@@ -391,7 +618,9 @@ class NodeCore:
             self._last_pong_sent_in_view = now
             if src == my_view[1] and msg.commit > self.disk.commit:
                 self._advance_commit(min(msg.commit, len(self.disk.log)), out)
-        witness_s = max(0.0, self._witness_until - now) if self.is_locker else 0.0
+        witness_s = max(0.0, self._tiebreak_until(now) - now) if self.is_locker else 0.0
+        if witness_s > 0:
+            self._tiebreak_given_until = max(self._tiebreak_given_until, now + witness_s)
         out.append(Send(src, Pong(my_view, msg.sent_at, witness_s)))
 
     def _on_pong(self, src: int, msg: Pong, now: float) -> None:
@@ -431,6 +660,9 @@ class NodeCore:
             return "view lost quorum"
         locker = self.disk.normal_view[1]
         if self.is_locker:
+            if self._forced_reason and self.disk.forced:
+                why, self._forced_reason = self._forced_reason, ""
+                return why
             gone = self.disk.members - reach
             if gone:
                 return f"member(s) {sorted(gone)} not heard"
@@ -498,7 +730,19 @@ class NodeCore:
         self.installed = False
         self._was_acting = False
         out.append(Persist())
+        if self.arbiter is not None and src != self.id:
+            # Another coordinator takes the disk (seconds: a challenge and its
+            # settle wait): stop my own attempt and let it finish, instead of
+            # killing each other's arbitration with ever higher views.
+            self.arbiter.release()
+            self._vc = None
+            a = self.spec.arbitration
+            patience = a.min_arbitration_s + a.settle_s + 2 * a.max_io_s
+            patience += self.spec.timers.regroup_answer_timeout_s + self._stagger()
+            self._next_regroup = max(self._next_regroup, now + patience)
         release_s = max(0.0, self._last_pong_sent_in_view + self.spec.max_lease_s - now)
+        # Members may count the tie-breaker vote I passed on as locker until then.
+        release_s = max(release_s, self._tiebreak_given_until - now)
         fence_s = max(0.0, self._fence_until - now)
         promise = Promise(msg.view, d.normal_view, tuple(d.log), d.commit, release_s, fence_s)
         if src == self.id:
@@ -512,6 +756,8 @@ class NodeCore:
         if vc is None or msg.view != vc.view or vc.witness_asked_at is not None:
             return
         vc.promises[src] = msg
+        if vc.disk_phase is not None:
+            return  # taking the disk: a late promiser joins the view it forms
         if vc.expected <= set(vc.promises) | vc.rejected:
             self._conclude(now, out)
 
@@ -521,7 +767,7 @@ class NodeCore:
         if vc is None or msg.view != vc.view or vc.witness_asked_at is not None:
             return
         vc.rejected.add(src)
-        if vc.expected <= set(vc.promises) | vc.rejected:
+        if vc.expected <= set(vc.promises) | vc.rejected and vc.disk_phase is None:
             self._conclude(now, out)
 
     def _best(self, vc: _ViewChange) -> Promise:
@@ -531,6 +777,14 @@ class NodeCore:
         vc = self._vc
         assert vc is not None
         members = frozenset(vc.promises)
+        if self.spec.kind is QuorumKind.DISK and vc.disk_phase is None:
+            # Whoever holds the disk has quorum: take it (or keep it), then
+            # read the quorum log it holds before installing.
+            vc.disk_phase = "arbitrate"
+            a = self.spec.arbitration
+            vc.deadline = now + a.max_arbitration_s + a.settle_s + 2 * a.max_io_s
+            self._disk_drive(now, out)
+            return
         nodes_only = decide(self.spec.kind, self.spec.nodes, members, forced=self.disk.forced)
         if nodes_only.has_quorum:
             self._install_as_coordinator(now, out)
@@ -563,6 +817,10 @@ class NodeCore:
             return
         best = self._best(vc)
         members = frozenset(vc.promises)
+        image = vc.disk_image
+        if image is not None:
+            # Written to the quorum disk with this view: all of it is durable.
+            best = Promise(vc.view, vc.view, image.log, len(image.log), 0.0, 0.0)
         wait_s = max(p.release_s for p in vc.promises.values())
         old = self.disk.normal_view
         if (
@@ -578,15 +836,17 @@ class NodeCore:
         if vc.witness_reply is not None:
             wait_s = max(wait_s, vc.witness_reply_at + vc.witness_reply.wait_s - now)
         commit = max(p.commit for p in vc.promises.values())
+        if image is not None:
+            commit = len(image.log)
         commit = min(commit, len(best.log))
         d = self.disk
         d.normal_view = vc.view
         d.members = members
         d.log = list(best.log)
-        if d.forced and (
-            decide(self.spec.kind, self.spec.nodes, members).has_quorum
-            or vc.witness_reply is not None
-        ):
+        natural = decide(self.spec.kind, self.spec.nodes, members).has_quorum
+        if self.spec.kind is QuorumKind.DISK:
+            natural = image is not None  # it holds the disk
+        if d.forced and (natural or vc.witness_reply is not None):
             d.forced = False
             out.append(Event("quorum", f"view {vc.view} has quorum again: the override ends"))
         out.append(Persist())
@@ -600,8 +860,12 @@ class NodeCore:
         out.append(Event("view", f"view {vc.view} formed by {self.id}: members {sorted(members)}"))
         self._vc = None
         self._regroup_attempts = 0
+        if image is not None:
+            self._log_on_disk = len(image.log)
 
     def _enter_view(self, now: float, wait_s: float, out: list[Action]) -> None:
+        self._log_on_disk = 0
+        self._log_writing = None
         self.installed = True
         self.act_after = now + wait_s
         self._fence_until = self.act_after
@@ -667,6 +931,7 @@ class NodeCore:
             self._append_time[entry.index] = now
             for m in self.disk.members - {self.id}:
                 out.append(Send(m, Append(self.view, entry.index - 1, (entry,), self.disk.commit)))
+            self._write_log(now, out)
             self._try_commit(out)
             return out
         if self.installed and not self.is_locker:
@@ -707,8 +972,16 @@ class NodeCore:
         need = commit_needed(self.spec.kind, len(self.spec.nodes))
         if d.forced:
             need = min(need, len(d.members))  # the operator's partition: every member
+            if self.spec.kind is QuorumKind.DISK:
+                need = len(d.members)  # no disk to hold the log: every member must
         index = len(d.log)
         while index > d.commit:
+            if self.spec.kind is QuorumKind.DISK and not d.forced:
+                # The quorum log lives on the disk: durable there is committed.
+                if index <= self._log_on_disk:
+                    break
+                index -= 1
+                continue
             votes = sum(1 for m in d.members if self._acked.get(m, 0) >= index)
             if self.spec.kind is QuorumKind.MAJORITY_WITNESS and self._witness_recorded >= (
                 self.view,
@@ -750,6 +1023,11 @@ class NodeCore:
                 )
             )
             self._was_acting = acting
+        if self.arbiter is not None:
+            out.extend(self.arbiter.on_tick(now))
+            self._disk_drive(now, out)
+            self._write_log(now, out)
+            self._forced_disk(now, out)
         if now >= self._next_ping:
             self._next_ping = now + self.spec.timers.heartbeat_interval_s
             view = self.disk.normal_view if self.installed else NO_VIEW

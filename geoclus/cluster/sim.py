@@ -1,12 +1,15 @@
 """Deterministic simulation of the cluster service's cores (``geoclus sim``).
 
 N :class:`~geoclus.cluster.node.NodeCore` nodes on two sites and, for
-``majority+witness``, a :class:`~quorum.witness.WitnessCore` on a third, in one
-process, on a simulated clock, over a simulated network that delays, drops,
-duplicates and reorders messages and is cut symmetrically and asymmetrically;
-nodes and the witness crash (losing everything but what they persisted) and
-restart. Operators submit configuration updates to random nodes throughout.
-Everything follows from one seed.
+``majority+witness``, a :class:`~quorum.witness.WitnessCore` on a third (for
+``disk``, the mirrored quorum disk: one record and one log image, reached
+over links that are cut like any other, and whose writes fail while its two
+mirrors are cut from each other), in one process, on a simulated clock, over
+a simulated network that delays, drops, duplicates and reorders messages and
+is cut symmetrically and asymmetrically; nodes and the witness crash (losing
+everything but what they persisted) and restart. Operators submit
+configuration updates to random nodes throughout. Everything follows from
+one seed.
 
 After every step the checker asserts the safety properties (MISSION.md §3,
 4 and 5):
@@ -19,7 +22,8 @@ After every step the checker asserts the safety properties (MISSION.md §3,
   a locker's log always holds every update committed so far, and every
   node's applied updates are a prefix of that one history;
 * **one membership per view**: nodes installed in the same view agree on
-  its members.
+  its members;
+* **one disk owner**: at most one node owns the quorum disk at a time.
 
 At the end the network heals, every node restarts, and after a quiet period
 every node must be in one view, acting, with the same committed log
@@ -41,10 +45,14 @@ from geoclus.cluster.node import (
     ClusterTimers,
     Disk,
     Event,
+    LogImage,
     NodeCore,
     Persist,
+    ReadLog,
     Send,
+    WriteLog,
 )
+from quorum.arbitration import FREE, ReadDisk, Reservation, WriteDisk
 from quorum.votes import QuorumKind, decide
 from quorum.witness import VoteRequest, WitnessCore
 
@@ -99,6 +107,7 @@ class SimResult:
 
 
 _WITNESS_SITE = "witness"
+QDISK = -3  # the quorum disk's end in the simulated network
 
 
 class Simulation:
@@ -127,6 +136,14 @@ class Simulation:
                 lease_s=self.spec.max_lease_s, collect_s=s.timers.heartbeat_interval_s
             )
         self.ends = [*ids, WITNESS]
+        if s.kind is QuorumKind.DISK:
+            self.ends = [*ids, QDISK]
+        self.record: Reservation = FREE
+        self.log_image = LogImage(NO_VIEW, ())
+        self.mirror_cut = False  # the quorum disk's two mirrors cannot reach each other
+        self.incarnation: dict[int, int] = dict.fromkeys(ids, 0)
+        self._op_seq = 0
+        self._read_value: dict[int, Any] = {}
         self.cut: set[tuple[int, int]] = set()  # directed links that drop everything
         self._tick_at: dict[int, float] = {}
         self.history: dict[int, str] = {}  # index -> uid of every committed update
@@ -174,11 +191,72 @@ class Simulation:
                 self.persisted[n] = core.disk.copy()
             elif isinstance(a, Send):
                 self._send(n, a.to, a.msg)
+            elif isinstance(a, ReadDisk | WriteDisk | ReadLog | WriteLog):
+                self._disk_op(n, a)
             elif isinstance(a, Event):
                 self.events += 1
                 if self.trace is not None:
                     self.trace.append(f"{self.now:9.3f} [{n}] {a.kind}: {a.message}")
         self._schedule_tick(n, max(core.next_deadline(), self.now + 0.001))
+
+    # --- the quorum disk -----------------------------------------------------------------
+
+    def _disk_reach(self, n: int) -> bool:
+        return (n, QDISK) not in self.cut and (QDISK, n) not in self.cut
+
+    def _disk_op(self, n: int, op: Any) -> None:
+        """Start ``op``: it takes random time below ``max_io_s``; a write
+        lands at a random moment inside it (or, if it fails, maybe not at
+        all); a read returns the value at such a moment. An op whose node
+        cannot reach the disk, or a write while the mirrors are cut from each
+        other (the replicated volume suspends writes), fails after
+        ``max_io_s``; a reply lost to a cut arriving mid-operation is a
+        failure too, though the write may have landed."""
+        self._op_seq += 1
+        op_id = self._op_seq
+        max_io = self.spec.arbitration.max_io_s
+        write = isinstance(op, WriteDisk | WriteLog)
+        data = (n, self.incarnation[n], op, self.now, op_id)
+        if not self._disk_reach(n) or (write and self.mirror_cut):
+            self._push(self.now + max_io * 1.05, "disk-done", data)
+            self._read_value[op_id] = None
+            return
+        took = self.rng.uniform(0.001, max_io * 0.9)
+        self._push(self.now + self.rng.uniform(0, took), "disk-land", data)
+        self._push(self.now + took, "disk-done", data)
+
+    def _disk_land(self, data: Any) -> None:
+        op, op_id = data[2], data[4]
+        if isinstance(op, WriteDisk | WriteLog) and self.mirror_cut:
+            self._read_value[op_id] = None  # suspended: it does not land
+            return
+        if isinstance(op, WriteDisk):
+            self.record = op.record
+        elif isinstance(op, WriteLog):
+            self.log_image = op.image
+        elif isinstance(op, ReadDisk):
+            self._read_value[op_id] = self.record
+        else:
+            self._read_value[op_id] = self.log_image
+        self._read_value.setdefault(op_id, True)
+
+    def _disk_done(self, data: Any) -> None:
+        n, inc, op, started, op_id = data
+        value = self._read_value.pop(op_id, None)
+        core = self.cores.get(n)
+        if core is None or self.incarnation[n] != inc:
+            return  # the node crashed meanwhile: nobody waits for this answer
+        if not self._disk_reach(n):
+            value = None  # the answer is lost
+        if isinstance(op, ReadDisk):
+            self._run_actions(n, core.on_disk_read(op.tag, value, started, self.now))
+        elif isinstance(op, WriteDisk):
+            self._run_actions(n, core.on_disk_written(op.tag, value is not None, started, self.now))
+        elif isinstance(op, ReadLog):
+            self._run_actions(n, core.on_log_read(value, self.now))
+        else:
+            ok = value is not None
+            self._run_actions(n, core.on_log_written(op.image, ok, started, self.now))
 
     # --- faults ------------------------------------------------------------------------
 
@@ -204,17 +282,24 @@ class Simulation:
             self.faults.append(f"{self.now:.1f}s one-way cut {a}->{b}")
         elif r < 0.6:
             self.cut.clear()
+            self.mirror_cut = False
             self.faults.append(f"{self.now:.1f}s heal")
         elif r < 0.75:
             live = [n for n in ids if self.cores[n] is not None]
             if live:
                 n = self.rng.choice(live)
                 self.cores[n] = None
+                self.incarnation[n] += 1
                 self.faults.append(f"{self.now:.1f}s crash node {n}")
         elif r < 0.9:
             dead = [n for n in ids if self.cores[n] is None]
             if dead:
                 self._restart(self.rng.choice(dead))
+        elif self.s.kind is QuorumKind.DISK:
+            self.mirror_cut = not self.mirror_cut
+            self.faults.append(
+                f"{self.now:.1f}s quorum disk mirrors {'cut' if self.mirror_cut else 'rejoined'}"
+            )
         elif self.s.kind is QuorumKind.MAJORITY_WITNESS:
             if self.witness is not None:
                 self.witness_saved, self.witness = self.witness, None
@@ -261,7 +346,14 @@ class Simulation:
         witness = self.s.kind is QuorumKind.MAJORITY_WITNESS and any(
             self._linked(m, WITNESS) for m in component
         )
-        return decide(self.s.kind, self.spec.nodes, component, witness_vote=witness).has_quorum
+        disk = (
+            self.s.kind is QuorumKind.DISK
+            and not self.mirror_cut
+            and any(self._disk_reach(m) for m in component)
+        )
+        return decide(
+            self.s.kind, self.spec.nodes, component, witness_vote=witness, disk_owned=disk
+        ).has_quorum
 
     def check(self) -> None:
         now = self.now
@@ -298,6 +390,13 @@ class Simulation:
                     )
         if len(acting_views) > 1:
             raise self._fail(f"two views act at once: {acting_views}")
+        owners = [
+            n
+            for n, c in self.cores.items()
+            if c is not None and c.arbiter is not None and c.arbiter.owns(now)
+        ]
+        if len(owners) > 1:
+            raise self._fail(f"nodes {owners} own the quorum disk at once")
         latest = max(self.view_members, default=NO_VIEW)
         for core in lockers:
             if core.view != latest:
@@ -341,6 +440,10 @@ class Simulation:
             if core is None:
                 return
             self._run_actions(dst, core.on_message(src, msg, self.now))
+        elif kind == "disk-land":
+            self._disk_land(data)
+        elif kind == "disk-done":
+            self._disk_done(data)
         elif kind == "fault":
             if not self.settling:
                 before = len(self.faults)
@@ -387,6 +490,7 @@ class Simulation:
     def _settle(self) -> None:
         self.settling = True
         self.cut.clear()
+        self.mirror_cut = False
         self.faults.append(f"{self.now:.1f}s settle: heal, restart everything")
         for n in self.spec.nodes:
             if self.cores[n] is None:

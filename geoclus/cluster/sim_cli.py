@@ -25,7 +25,7 @@ from quorum.votes import QuorumKind
 @click.option("--first", type=int, default=0, show_default=True, help="First seed of the range.")
 @click.option(
     "--kind",
-    type=click.Choice([QuorumKind.MAJORITY.value, QuorumKind.MAJORITY_WITNESS.value]),
+    type=click.Choice([k.value for k in QuorumKind]),
     default=QuorumKind.MAJORITY.value,
     show_default=True,
 )
