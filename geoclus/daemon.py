@@ -136,7 +136,10 @@ class Daemon:
         async def connect() -> trio.abc.Stream:
             peer = vc.peer
             assert peer is not None
-            tcp = await trio.open_tcp_stream(peer.host, peer.port)
+            # Leave from the address the link listens on (when it names one),
+            # so the link uses the network it is configured on, both ways.
+            local = vc.listen.host if vc.listen.host not in ("0.0.0.0", "::", "") else None
+            tcp = await trio.open_tcp_stream(peer.host, peer.port, local_address=local)
             if self._client_ctx is None:
                 return tcp
             tls = await wrap_client(tcp, self._client_ctx)

@@ -104,3 +104,22 @@ def test_quorum_kind_rules(initialised: Path) -> None:
     doc["cluster"]["quorum"] = "disk"
     with pytest.raises(ConfigError, match="needs a mirrored volume"):
         parse_cluster_config(doc, str(initialised / "a1.toml"))
+
+
+def test_disk_quorum_needs_its_mirrors_and_sane_timers(initialised: Path) -> None:
+    doc = copy.deepcopy(_doc(initialised))
+    del doc["witness"]
+    doc["cluster"]["quorum"] = "disk"
+    doc["quorum_disk"] = {"volume": "quorum"}
+    with pytest.raises(ConfigError, match=r"quorum_disk\.mirrors"):
+        parse_cluster_config(doc, str(initialised / "a1.toml"))
+    doc["quorum_disk"]["mirrors"] = ["127.0.0.1:10809", "nonsense"]
+    with pytest.raises(ConfigError, match=r"quorum_disk\.mirrors"):
+        parse_cluster_config(doc, str(initialised / "a1.toml"))
+    doc["quorum_disk"]["mirrors"] = ["127.0.0.1:10809", "127.0.0.2:10809"]
+    cfg = parse_cluster_config(doc, str(initialised / "a1.toml"))
+    assert [str(m) for m in cfg.quorum_disk_mirrors] == ["127.0.0.1:10809", "127.0.0.2:10809"]
+    assert cfg.spec().arbitration.hold_s == cfg.timers.quorum_disk_hold_s
+    doc["timers"]["quorum_disk_hold_s"] = 2.0  # renewals every 2 s could not keep it
+    with pytest.raises(ConfigError, match=r"quorum_disk_hold_s.*renew_interval_s"):
+        parse_cluster_config(doc, str(initialised / "a1.toml"))

@@ -205,3 +205,143 @@ def test_evict_refuses_the_node_and_leave_re_forms_at_once(lab_factory):
         if e["wall_time"] >= left[0]["wall_time"]
     ]
     assert formed and min(formed) - left[0]["wall_time"] < 1.0, (left, formed)
+
+
+def _disk(lab: ClusterLab, node: str) -> dict:
+    st = lab.status(node)
+    assert st is not None and st["quorum_disk"] is not None
+    return st["quorum_disk"]
+
+
+def _cut_until_both_sides_stop(lab: ClusterLab) -> float:
+    """Cut the sites apart; both must stop within the bound and stay stopped
+    (the disk fails closed: no side can renew or take it)."""
+    import time
+
+    st = lab.status("a1")
+    assert st is not None
+    stop_bound_s = st["stop_bound_s"]
+    t_cut = time.time()
+    lab.cut("A", "B")
+    waited = lab.wait_for(
+        "both sides to stop", lambda: not any(lab.acting().values()), stop_bound_s + 5
+    )
+    assert waited <= stop_bound_s + SLACK_S + 1, waited
+    for n in lab.nodes:
+        evs = [e for e in _events(lab, n, "quorum", "loses quorum") if e["wall_time"] > t_cut]
+        assert evs and evs[0]["wall_time"] - t_cut <= stop_bound_s + SLACK_S, n
+    # Longer than a whole challenge (min_arbitration_s + the settle wait):
+    # nobody takes the disk while its mirrors cannot reach each other.
+    deadline = time.monotonic() + 8.0
+    while time.monotonic() < deadline:
+        assert not any(lab.acting().values()), lab.acting()
+        time.sleep(0.5)
+    errors = [_disk(lab, n)["last_error"] for n in lab.nodes]
+    assert any("both mirrors" in e or "no answer" in e for e in errors), errors
+    r = _set(lab, "a1", "app.cut", "9", timeout_s=3)
+    assert r.returncode != 0 and "not committed within" in r.stderr, r.stderr
+    return stop_bound_s
+
+
+def test_disk_quorum_both_sides_stop_and_force_quorum_brings_one_back(lab_factory):
+    lab = lab_factory(quorum="disk")
+    everyone = list(lab.nodes)
+    lab.wait_for("the four nodes to form one view", lambda: lab.formed(everyone), 60)
+    st = lab.status("b1")
+    assert st is not None and st["quorum"]["reason"] == "holds the quorum disk"
+    assert _disk(lab, st["locker"])["owner_here"]
+    assert sum(_disk(lab, n)["owner_here"] for n in everyone) == 1
+    assert _set(lab, "b2", "app.before", "1").returncode == 0
+
+    r = lab.cli("cluster", "force-quorum", "--site", "B", "--config", lab.config("b1"))
+    assert r.returncode != 0 and "still answer heartbeats" in r.stderr, r.stderr
+
+    _cut_until_both_sides_stop(lab)
+
+    lab.wait_for(
+        "b1 to stop hearing site A",
+        lambda: (
+            (s := lab.status("b1")) is not None
+            and all(n["state"] == "offline" for n in s["nodes"] if n["site"] == "A")
+        ),
+        20,
+    )
+    r = lab.cli("cluster", "force-quorum", "--site", "B", "--config", lab.config("b1"))
+    assert r.returncode == 0, r.stderr
+    lab.wait_for("site B to act under the override", lambda: lab.formed(["b1", "b2"]), 30)
+    assert not any(lab.acting(["a1", "a2"]).values())
+    assert _set(lab, "b2", "app.forced", "2").returncode == 0
+
+    lab.heal()
+    lab.wait_for("the cluster to re-form after healing", lambda: lab.formed(everyone), 60)
+    lab.wait_for(
+        "the override to end (the view holds the disk again)",
+        lambda: all(
+            s is not None and not s["forced"] and s["quorum"]["reason"] == "holds the quorum disk"
+            for s in lab.statuses().values()
+        ),
+        30,
+    )
+    lab.wait_for(
+        "one history",
+        lambda: len({json.dumps(v) for v in _histories(lab, everyone).values()}) == 1,
+        20,
+    )
+    values = json.loads(lab.cli("cluster", "get", "--json", "--config", lab.config("a1")).stdout)[
+        "values"
+    ]
+    # The update refused during the cut stayed queued at a1 (as the refusal
+    # said) and may commit once a1 is in a view with quorum again.
+    assert values.pop("app.cut", 9) == 9
+    assert values == {"app.before": 1, "app.forced": 2}
+    text = lab.cli("cluster", "status", "--config", lab.config("a2")).stdout
+    assert "disk      quorum via" in text and "held by this view" in text, text
+
+
+def test_disk_quorum_operator_lets_the_surviving_mirror_run_degraded(lab_factory):
+    """The degraded-mirror decision: the quorum volume's primary (site A) is
+    told to complete writes without its cut-off mirror, so site A's nodes can
+    take the disk again; site B cannot (its mirror is a read-only secondary)."""
+    lab = lab_factory(quorum="disk")
+    everyone = list(lab.nodes)
+    lab.wait_for("the four nodes to form one view", lambda: lab.formed(everyone), 60)
+    assert _set(lab, "a1", "app.before", "1").returncode == 0
+    _cut_until_both_sides_stop(lab)
+
+    r = lab.cli("volume", "allow-degraded", "--config", os.path.join(lab.workdir, "qvol-A.toml"))
+    assert r.returncode == 0, r.stderr
+    lab.wait_for("site A to take the disk and act", lambda: lab.formed(["a1", "a2"]), 40)
+    assert not any(lab.acting(["b1", "b2"]).values())
+    assert _set(lab, "a2", "app.degraded", "3").returncode == 0
+
+    lab.heal()
+    lab.wait_for("the cluster to re-form after healing", lambda: lab.formed(everyone), 60)
+    lab.wait_for(
+        "one history",
+        lambda: len({json.dumps(v) for v in _histories(lab, everyone).values()}) == 1,
+        20,
+    )
+    values = json.loads(lab.cli("cluster", "get", "--json", "--config", lab.config("b1")).stdout)[
+        "values"
+    ]
+    assert values.pop("app.cut", 9) == 9
+    assert values == {"app.before": 1, "app.degraded": 3}
+
+
+def test_disk_quorum_refuses_mirrors_over_the_round_trip_budget(lab_factory):
+    lab = lab_factory(quorum="disk", timers={"rtt_budget_us": 1})
+    for n in lab.nodes:
+        assert lab.procs[n].wait(timeout=30) != 0
+    with open(os.path.join(lab.workdir, "a1.log")) as f:
+        text = f.read()
+    assert "over rtt_budget_us = 1" in text and "allow_over_budget = true" in text, text
+    # The operator's explicit override: the node starts and says so.
+    path = lab.config("a1")
+    with open(path) as f:
+        cfg = f.read()
+    with open(path, "w") as f:
+        f.write(cfg.replace("allow_over_budget = false", "allow_over_budget = true"))
+    lab.start_node("a1")
+    lab.wait_for("a1 to answer", lambda: lab.status("a1") is not None, 20)
+    assert _events(lab, "a1", "rtt", "OVER rtt_budget_us")
+    assert _disk(lab, "a1")["allow_over_budget"]

@@ -26,6 +26,9 @@ def test_ping_and_pong_round_trip() -> None:
     assert hb.msg == Ping((3, 2), 12.5, 9)
     hb = a.open(b.seal(0, Pong(NO_VIEW, 12.5, 4.25)))
     assert hb is not None and hb.msg == Pong(NO_VIEW, 12.5, 4.25)
+    assert not hb.msg.forced
+    hb = a.open(b.seal(0, Pong((4, 1), 13.0, 0.0, forced=True)))
+    assert hb is not None and hb.msg == Pong((4, 1), 13.0, 0.0, True)
     assert len(a.seal(1, Ping(NO_VIEW, 0.0, 0))) == DATAGRAM_BYTES
 
 

@@ -53,6 +53,19 @@ def _parse_node(text: str) -> tuple[str, str, str]:
 )
 @click.option("--witness", default=None, metavar="HOST:PORT", help="The third-site witness.")
 @click.option(
+    "--quorum-volume",
+    default="quorum",
+    show_default=True,
+    help="disk quorum: the export name of the quorum volume.",
+)
+@click.option(
+    "--mirror",
+    "mirrors",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="disk quorum: the quorum volume's NBD export at one site (repeat for each).",
+)
+@click.option(
     "--timer",
     "timer_values",
     multiple=True,
@@ -65,6 +78,8 @@ def init_cmd(
     nodes: tuple[str, ...],
     quorum: str,
     witness: str | None,
+    quorum_volume: str,
+    mirrors: tuple[str, ...],
     timer_values: tuple[str, ...],
 ) -> None:
     """Write DIR/ca (the cluster CA, a certificate per node and the witness)
@@ -92,7 +107,18 @@ def init_cmd(
         for name, _, _ in parsed:
             path = os.path.join(directory, f"{name}.toml")
             with open(path, "x") as f:
-                f.write(starter_config(cluster_name, name, parsed, kind, witness, timers))
+                f.write(
+                    starter_config(
+                        cluster_name,
+                        name,
+                        parsed,
+                        kind,
+                        witness,
+                        timers,
+                        quorum_volume=quorum_volume,
+                        mirrors=list(mirrors),
+                    )
+                )
             cfg = load_cluster_config(path)
             click.echo(f"wrote {path}")
         if witness is not None and cfg is not None:
@@ -174,6 +200,18 @@ def format_status(st: dict[str, Any]) -> str:
         vote = f"vote held for {w['vote_s']:.1f} s more" if w["vote_s"] > 0 else "no vote held"
         link = "connected" if w["connected"] else "NOT connected"
         lines.append(f"witness   {w['address']} {link}; {vote}")
+    qd = st.get("quorum_disk")
+    if qd is not None:
+        held = (
+            f"held by this view for {qd['view_holds_s']:.1f} s more"
+            if qd["view_holds_s"] > 0
+            else "NOT held by this node's view"
+        )
+        using = qd["using"] or "no writable mirror connected"
+        lines.append(
+            f"disk      {qd['volume']} via {using}; {held}; arbitration {qd['phase']}"
+            + (f"; last error: {qd['last_error']}" if qd["last_error"] else "")
+        )
     lines.append("")
     lines.append(
         f"{'node':<12} {'site':<8} {'state':<9} {'networks':<9} round trip (p50/p99/max us)"

@@ -32,6 +32,11 @@ Example (written by ``geoclus cluster init``)::
     [witness]
     address = "10.0.2.1:7850"        # required for majority+witness
 
+    [quorum_disk]                    # required for quorum = "disk"
+    volume = "quorum"                # the export name of the quorum volume
+    mirrors = ["10.0.0.9:10809", "10.0.1.9:10809"]   # its NBD export at each site
+    allow_over_budget = false        # start even if the mirrors are over rtt_budget_us
+
     [timers]
     heartbeat_interval_s = 1.2
     missed_heartbeats_same_site = 5
@@ -40,6 +45,9 @@ Example (written by ``geoclus cluster init``)::
     update_timeout_s = 8
     min_arbitration_s = 7
     max_arbitration_s = 60
+    quorum_disk_renew_s = 2          # the owner rewrites its reservation this often
+    quorum_disk_hold_s = 6           # and owns the disk this long after a renewal
+    quorum_disk_io_timeout_s = 1     # a disk operation slower than this failed
     rtt_budget_us = 500
     snapshot_interval_s = 14400
 """
@@ -53,6 +61,7 @@ from typing import Any
 from geoclus.cluster.node import ClusterSpec, ClusterTimers
 from geoclus.config import Endpoint, parse_endpoint, read_toml
 from geoclus.errors import ConfigError
+from quorum.arbitration import ArbitrationTimers, check_timers
 from quorum.votes import QuorumKind
 
 # The [timers] keys, in the order `cluster init` writes them.
@@ -64,6 +73,9 @@ TIMER_KEYS = (
     "update_timeout_s",
     "min_arbitration_s",
     "max_arbitration_s",
+    "quorum_disk_renew_s",
+    "quorum_disk_hold_s",
+    "quorum_disk_io_timeout_s",
     "rtt_budget_us",
     "rtt_sustained_s",
     "snapshot_interval_s",
@@ -73,7 +85,7 @@ _ALLOWED: dict[str, set[str]] = {
     "node": {"name", "cert", "key", "state_dir"},
     "nodes": {"name", "site", "addresses"},
     "witness": {"address"},
-    "quorum_disk": {"volume", "allow_over_budget"},
+    "quorum_disk": {"volume", "mirrors", "allow_over_budget"},
     "timers": set(TIMER_KEYS),
 }
 MAX_NODES = 64
@@ -95,6 +107,20 @@ class Timers(ClusterTimers):
 
     min_arbitration_s: float = 7.0
     max_arbitration_s: float = 60.0
+    quorum_disk_renew_s: float = 2.0
+    quorum_disk_hold_s: float = 6.0
+    quorum_disk_io_timeout_s: float = 1.0
+
+    def arbitration(self) -> ArbitrationTimers:
+        """The quorum disk arbitration's timers."""
+        return ArbitrationTimers(
+            renew_interval_s=self.quorum_disk_renew_s,
+            hold_s=self.quorum_disk_hold_s,
+            min_arbitration_s=self.min_arbitration_s,
+            max_arbitration_s=self.max_arbitration_s,
+            max_io_s=self.quorum_disk_io_timeout_s,
+        )
+
     rtt_budget_us: float = 500.0
     rtt_sustained_s: float = 10.0
     snapshot_interval_s: float = 4 * 3600.0
@@ -117,6 +143,7 @@ class ClusterConfig:
     quorum_disk_volume: str | None
     allow_over_budget: bool
     timers: Timers
+    quorum_disk_mirrors: tuple[Endpoint, ...] = ()
 
     @property
     def node_ids(self) -> dict[str, int]:
@@ -131,6 +158,7 @@ class ClusterConfig:
             sites={ids[n.name]: n.site for n in self.nodes},
             kind=self.quorum,
             timers=self.timers,
+            arbitration=self.timers.arbitration(),
         )
 
 
@@ -286,6 +314,19 @@ def parse_cluster_config(data: dict[str, Any], path: str = "<memory>") -> Cluste
     volume = qd.get("volume")
     if kind is QuorumKind.DISK and not isinstance(volume, str):
         raise _fail(path, "quorum_disk.volume", "missing: the disk quorum needs a mirrored volume")
+    mirrors: tuple[Endpoint, ...] = ()
+    if kind is QuorumKind.DISK:
+        raw = qd.get("mirrors")
+        if not isinstance(raw, list) or not raw or not all(isinstance(a, str) for a in raw):
+            raise _fail(
+                path,
+                "quorum_disk.mirrors",
+                "must list the quorum volume's NBD exports as HOST:PORT, one per site",
+            )
+        mirrors = tuple(
+            parse_endpoint(a, lambda problem: _fail(path, "quorum_disk.mirrors", problem))
+            for a in raw
+        )
     allow = qd.get("allow_over_budget", False)
     if not isinstance(allow, bool):
         raise _fail(path, "quorum_disk.allow_over_budget", "must be true or false")
@@ -302,6 +343,10 @@ def parse_cluster_config(data: dict[str, Any], path: str = "<memory>") -> Cluste
     t = Timers(**values)  # type: ignore[arg-type]
     if t.max_arbitration_s <= t.min_arbitration_s:
         raise _fail(path, "timers.max_arbitration_s", "must be longer than min_arbitration_s")
+    try:
+        check_timers(t.arbitration())
+    except ValueError as exc:
+        raise _fail(path, "timers.quorum_disk_hold_s", str(exc)) from None
     if t.regroup_answer_timeout_s <= t.heartbeat_interval_s:
         raise _fail(
             path,
@@ -322,6 +367,7 @@ def parse_cluster_config(data: dict[str, Any], path: str = "<memory>") -> Cluste
         quorum_disk_volume=volume if isinstance(volume, str) else None,
         allow_over_budget=allow,
         timers=t,
+        quorum_disk_mirrors=mirrors,
     )
 
 
@@ -332,6 +378,9 @@ def starter_config(
     quorum: QuorumKind,
     witness: str | None,
     timers: Timers | None = None,
+    *,
+    quorum_volume: str = "quorum",
+    mirrors: list[str] | None = None,
 ) -> str:
     """The TOML ``geoclus cluster init`` writes for ``node`` (``nodes`` as
     (name, site, address) triples; certificates under ``ca/``; the state in
@@ -359,6 +408,15 @@ def starter_config(
         ]
     if witness is not None:
         lines += ["", "[witness]", f'address = "{witness}"']
+    if quorum is QuorumKind.DISK:
+        listed = ", ".join(f'"{m}"' for m in mirrors or [])
+        lines += [
+            "",
+            "[quorum_disk]",
+            f'volume = "{quorum_volume}"',
+            f"mirrors = [{listed}]",
+            "allow_over_budget = false",
+        ]
     t = timers or Timers()
     lines += ["", "[timers]"]
     lines += [f"{k} = {getattr(t, k)!r}" for k in TIMER_KEYS]

@@ -54,13 +54,25 @@ from geoclus.cluster.config import ClusterConfig
 from geoclus.cluster.configdb import ConfigDb, ConfigDbError, validate_update
 from geoclus.cluster.heartbeat import DATAGRAM_BYTES, HeartbeatCodec
 from geoclus.cluster.messages import Ping, Pong
-from geoclus.cluster.node import WITNESS, Event, ForceRefused, NodeCore, Persist, Send
+from geoclus.cluster.node import (
+    WITNESS,
+    Event,
+    ForceRefused,
+    NodeCore,
+    Persist,
+    ReadLog,
+    Send,
+    WriteLog,
+)
+from geoclus.cluster.qdisk import Mirror, QuorumDisk, probe_mirrors
 from geoclus.cluster.state import StateDir
 from geoclus.config import Endpoint
 from geoclus.control import serve_control
 from geoclus.errors import GeoclusError
 from geoclus.tlsstream import TlsSocketStream, wrap_client, wrap_server
+from quorum.arbitration import ReadDisk, WriteDisk
 from quorum.rtt import RttWindow, verdict
+from quorum.votes import QuorumKind
 from quorum.witness import VoteReply, VoteRequest
 
 log = logging.getLogger("geoclus.cluster")
@@ -94,6 +106,9 @@ class _Peer:
 
 def _family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+_DISK = object()  # inbox source of quorum disk results
 
 
 class NodeDaemon:
@@ -158,11 +173,16 @@ class NodeDaemon:
         self._last_checkpoint = 0.0
         self._was_acting = False
         self._ip_of = {(a.host, a.port): i for i, a in enumerate(self.entry.addresses)}
+        self.qdisk: QuorumDisk | None = None
+        self.mirror_rtt_s: dict[str, float | None] = {}
+        self.mirrors = tuple(Mirror(e.host, e.port) for e in cfg.quorum_disk_mirrors)
 
     # --- startup -------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled or told to leave."""
+        if self.cfg.quorum is QuorumKind.DISK:
+            await self._check_mirrors()
         self.core = NodeCore(self.me, self.spec, self.core.disk, trio.current_time())
         self.started_at = trio.current_time()
         self._last_checkpoint = self.started_at
@@ -189,6 +209,15 @@ class NodeDaemon:
         async with trio.open_nursery() as nursery:
             self._cancel = nursery.cancel_scope
             self._nursery = nursery
+            if self.cfg.quorum is QuorumKind.DISK:
+                assert self.cfg.quorum_disk_volume is not None
+                self.qdisk = QuorumDisk(
+                    self.mirrors,
+                    self.cfg.quorum_disk_volume,
+                    self.spec.arbitration.max_io_s,
+                    nursery,
+                    local_address=self.entry.addresses[0].host,
+                )
             nursery.start_soon(self._core_loop)
             for net, udp in enumerate(self._udp):
                 nursery.start_soon(self._udp_loop, net, udp)
@@ -200,6 +229,62 @@ class NodeDaemon:
             nursery.start_soon(self._housekeeping)
             await nursery.start(serve_control, self.control_path, self._control)
             task_status.started()
+
+    async def _check_mirrors(self) -> None:
+        """Measure the round trip to the quorum disk's mirrors and refuse to
+        start over ``rtt_budget_us`` unless the operator allowed it."""
+        assert self.cfg.quorum_disk_volume is not None
+        self.mirror_rtt_s = await probe_mirrors(
+            self.mirrors, self.cfg.quorum_disk_volume, local_address=self.entry.addresses[0].host
+        )
+        measured = {m: v for m, v in self.mirror_rtt_s.items() if v is not None}
+        budget_us = self.cfg.timers.rtt_budget_us
+        text = ", ".join(f"{m} {v * 1e6:.0f} us" for m, v in measured.items()) or "none"
+        unreachable = sorted(m for m, v in self.mirror_rtt_s.items() if v is None)
+        if unreachable:
+            self._event(
+                "arbitration",
+                f"quorum disk mirror(s) {unreachable} unreachable at start: the disk fails "
+                "closed until both answer (or an operator decides)",
+            )
+        over = {m: v for m, v in measured.items() if v * 1e6 > budget_us}
+        if not over:
+            self._event("rtt", f"quorum disk mirrors within rtt_budget_us = {budget_us:g}: {text}")
+            return
+        if not self.cfg.allow_over_budget:
+            raise GeoclusError(
+                f"the quorum disk's mirrors answer in {text}, over rtt_budget_us = "
+                f"{budget_us:g} (a disk quorum is only as fast and as safe as its slowest "
+                "mirror): bring the mirrors closer, raise [timers] rtt_budget_us, or set "
+                "[quorum_disk] allow_over_budget = true to start anyway"
+            )
+        self._event(
+            "rtt",
+            f"quorum disk mirrors OVER rtt_budget_us = {budget_us:g} ({text}); starting "
+            "because quorum_disk.allow_over_budget = true",
+        )
+
+    async def _disk_io(self, op: ReadDisk | WriteDisk | ReadLog | WriteLog) -> None:
+        """Carry out one quorum disk operation and hand its result to the core
+        (through the inbox, so the core loop re-reads its deadlines)."""
+        disk = self.qdisk
+        assert disk is not None
+        started = trio.current_time()
+        core = self.core
+        result: Callable[[float], list[Any]]
+        if isinstance(op, ReadDisk):
+            rec = await disk.read_record()
+            result = lambda now: core.on_disk_read(op.tag, rec, started, now)  # noqa: E731
+        elif isinstance(op, WriteDisk):
+            ok = await disk.write_record(op.record)
+            result = lambda now: core.on_disk_written(op.tag, ok, started, now)  # noqa: E731
+        elif isinstance(op, ReadLog):
+            image = await disk.read_log()
+            result = lambda now: core.on_log_read(image, now)  # noqa: E731
+        else:
+            ok = await disk.write_log(op.image)
+            result = lambda now: core.on_log_written(op.image, ok, started, now)  # noqa: E731
+        await self.inbox_send.send((_DISK, result, None))
 
     # --- the core ------------------------------------------------------------------
 
@@ -215,7 +300,10 @@ class NodeDaemon:
                     net = None
                 else:
                     src, msg, net = item
-                    actions = self.core.on_message(src, msg, now)
+                    if src is _DISK:
+                        actions = msg(now)
+                    else:
+                        actions = self.core.on_message(src, msg, now)
                 await self._run(actions, net)
 
     async def _run(self, actions: list[Any], reply_net: int | None) -> None:
@@ -231,6 +319,12 @@ class NodeDaemon:
                 await self._send(a.to, a.msg, reply_net)
             elif isinstance(a, Event):
                 self._event(a.kind, self._names_in(a.message))
+            elif isinstance(a, ReadDisk | WriteDisk | ReadLog | WriteLog):
+                if dirty:
+                    await self._persist()
+                    dirty = False
+                if self._nursery is not None and self.qdisk is not None:
+                    self._nursery.start_soon(self._disk_io, a)
         if dirty:
             await self._persist()
         self._apply_committed()
@@ -740,11 +834,32 @@ class NodeDaemon:
                 if self.cfg.witness is not None
                 else None
             ),
+            "quorum_disk": self._disk_status(now),
             "heartbeats": {"accepted": self.codec.accepted, "dropped": dict(self.codec.dropped)},
             "dropped": dict(self.dropped),
             "regroups_started": core.regroups_started,
             "stop_bound_s": self.spec.stop_bound_s,
             "key_generation": self.key_generation,
+        }
+
+    def _disk_status(self, now: float) -> dict[str, Any] | None:
+        core, disk = self.core, self.qdisk
+        if core.arbiter is None:
+            return None
+        arb = core.arbiter
+        return {
+            "volume": self.cfg.quorum_disk_volume,
+            "mirrors": [str(m) for m in self.mirrors],
+            "using": str(disk.using) if disk is not None and disk.using else None,
+            "owner_here": arb.owns(now),
+            "view_holds_s": round(core.disk_owner_s(now), 3),
+            "phase": arb.phase.value,
+            "last_error": (disk.last_error if disk is not None else "") or arb.last_error,
+            "failed_operations": disk.failures if disk is not None else 0,
+            "mirror_rtt_us": {
+                m: None if v is None else round(v * 1e6) for m, v in self.mirror_rtt_s.items()
+            },
+            "allow_over_budget": self.cfg.allow_over_budget,
         }
 
     # --- control ---------------------------------------------------------------------

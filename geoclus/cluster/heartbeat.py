@@ -37,6 +37,7 @@ MAGIC = b"GCHB"
 VERSION = 1
 KIND_PING = 1
 KIND_PONG = 2
+KIND_PONG_FORCED = 3  # a Pong whose sender comes from an operator-forced view
 MAC_BYTES = 16
 REPLAY_WINDOW = 64
 _BODY = struct.Struct(">4sBBHHQQQqdQ")
@@ -82,7 +83,7 @@ class HeartbeatCodec:
         if isinstance(msg, Ping):
             kind, stamp, extra = KIND_PING, msg.sent_at, msg.commit
         else:
-            kind, stamp = KIND_PONG, msg.ping_sent_at
+            kind, stamp = (KIND_PONG_FORCED if msg.forced else KIND_PONG), msg.ping_sent_at
             extra = int.from_bytes(_PONG_EXTRA.pack(msg.witness_s), "big")
         body = _BODY.pack(
             MAGIC,
@@ -115,7 +116,7 @@ class HeartbeatCodec:
         expected = hmac.new(self._key, body, hashlib.sha256).digest()[:MAC_BYTES]
         if not hmac.compare_digest(mac, expected):
             return self._drop("mac")
-        if kind not in (KIND_PING, KIND_PONG):
+        if kind not in (KIND_PING, KIND_PONG, KIND_PONG_FORCED):
             return self._drop("kind")
         if receiver != self.node_id or sender not in self.nodes or sender == self.node_id:
             return self._drop("address")
@@ -127,7 +128,7 @@ class HeartbeatCodec:
             msg = Ping(view, stamp, extra)
         else:
             (witness_s,) = _PONG_EXTRA.unpack(extra.to_bytes(8, "big"))
-            msg = Pong(view, stamp, witness_s)
+            msg = Pong(view, stamp, witness_s, kind == KIND_PONG_FORCED)
         self.accepted += 1
         return Heartbeat(sender, epoch, seq, msg)
 

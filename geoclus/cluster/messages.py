@@ -48,6 +48,7 @@ class Pong:
     view: View
     ping_sent_at: float
     witness_s: float
+    forced: bool = False  # the answerer's last view was forced by the operator (not yet undone)
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,6 +75,7 @@ from quorum.votes import QuorumDecision, QuorumKind, commit_needed, decide
 from quorum.witness import VoteReply, VoteRequest
 
 WITNESS = -2  # the witness's address in Send actions
+LOCKER_ALIVE = "the locker is alive"  # a Reject's reason: the acceptor's view is acting
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,7 @@ class _ViewChange:
     disk_phase: str | None = None
     disk_started: bool = False
     disk_image: LogImage | None = None  # the new view's image, written before install
+    acting_elsewhere: set[int] = field(default_factory=set)  # rejected: "locker is alive"
 
 
 class ForceRefused(Exception):
@@ -263,6 +265,7 @@ class NodeCore:
             self.arbiter = Arbiter(node_id, spec.arbitration)
         self._log_writing: tuple[View, int] | None = None  # the log image being written
         self._forced_tried = False
+        self._forced_peers: set[int] = set()  # their last view was forced by the operator
         self._forced_retry_at = now
         self._forced_reason = ""
         self._log_on_disk = 0  # length of my view's log durable on the quorum disk
@@ -427,6 +430,8 @@ class NodeCore:
             return out
         if image is None:
             self._disk_failed(now, "the quorum log could not be read from both mirrors", out)
+        elif unheard := self._forced_unheard(now, vc):
+            self._fail_view_change(now, unheard, out)
         elif image.view >= vc.view:
             # A view I never heard of was recorded on the disk: a view change
             # must go above every view that may have formed.
@@ -502,6 +507,16 @@ class NodeCore:
             vc.disk_started = True
             out.append(Event("arbitration", f"node {self.id} challenges for the quorum disk"))
             out.extend(arb.arbitrate(now))
+
+    def _forced_unheard(self, now: float, vc: _ViewChange) -> str:
+        """``disk`` quorum: the updates an operator-forced view committed live
+        only on its members until that view takes the disk back, so a view
+        may not form on the disk while such a node is heard but has not
+        promised (its log would be left out). Empty if none."""
+        heard = (self._forced_peers & self.reachable(now)) - set(vc.promises)
+        if not heard:
+            return ""
+        return f"node(s) {sorted(heard)} come from an operator-forced view: they must join"
 
     def _forced_disk(self, now: float, out: list[Action]) -> None:
         """The locker of an operator-forced view takes the quorum disk as soon
@@ -621,7 +636,7 @@ class NodeCore:
         witness_s = max(0.0, self._tiebreak_until(now) - now) if self.is_locker else 0.0
         if witness_s > 0:
             self._tiebreak_given_until = max(self._tiebreak_given_until, now + witness_s)
-        out.append(Send(src, Pong(my_view, msg.sent_at, witness_s)))
+        out.append(Send(src, Pong(my_view, msg.sent_at, witness_s, self.disk.forced)))
 
     def _on_pong(self, src: int, msg: Pong, now: float) -> None:
         sent = msg.ping_sent_at
@@ -629,6 +644,10 @@ class NodeCore:
             return  # not a ping of mine: ignore
         self._heard[src] = max(self._heard.get(src, -1e18), sent)
         self._heard_view[src] = msg.view
+        if msg.forced:
+            self._forced_peers.add(src)
+        else:
+            self._forced_peers.discard(src)
         self._left.discard(src)
         self._highest_seen = max(self._highest_seen, msg.view)
         if self.installed and msg.view == self.disk.normal_view:
@@ -722,7 +741,7 @@ class NodeCore:
         ):
             # Stickiness: a working view's members do not follow a stranger
             # while they hear their locker; the locker will take it in.
-            out.append(Send(src, Reject(msg.view, d.promised, "the locker is alive")))
+            out.append(Send(src, Reject(msg.view, d.promised, LOCKER_ALIVE)))
             return
         if self._was_acting or self.installed:
             out.append(Event("view", f"node {self.id} leaves view {d.normal_view} for {msg.view}"))
@@ -767,6 +786,8 @@ class NodeCore:
         if vc is None or msg.view != vc.view or vc.witness_asked_at is not None:
             return
         vc.rejected.add(src)
+        if msg.reason == LOCKER_ALIVE:
+            vc.acting_elsewhere.add(src)
         if vc.expected <= set(vc.promises) | vc.rejected and vc.disk_phase is None:
             self._conclude(now, out)
 
@@ -777,6 +798,17 @@ class NodeCore:
         vc = self._vc
         assert vc is not None
         members = frozenset(vc.promises)
+        unheard = self._forced_unheard(now, vc)
+        if self.spec.kind is QuorumKind.DISK and vc.disk_phase is None and unheard:
+            self._fail_view_change(now, unheard, out)
+            return
+        if self.spec.kind is QuorumKind.DISK and vc.disk_phase is None and vc.acting_elsewhere:
+            # Another view is acting (it holds the disk, or the operator forced
+            # it): challenging for the disk now could only end its reign
+            # behind its back. Its locker will take these nodes in.
+            who = sorted(vc.acting_elsewhere)
+            self._fail_view_change(now, f"node(s) {who} act in a view with a live locker", out)
+            return
         if self.spec.kind is QuorumKind.DISK and vc.disk_phase is None:
             # Whoever holds the disk has quorum: take it (or keep it), then
             # read the quorum log it holds before installing.

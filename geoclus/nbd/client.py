@@ -60,8 +60,12 @@ class NbdClient:
         return await cls._start(await trio.open_unix_socket(path), export)
 
     @classmethod
-    async def connect_tcp(cls, host: str, port: int, export: str = "") -> NbdClient:
-        return await cls._start(await trio.open_tcp_stream(host, port), export)
+    async def connect_tcp(
+        cls, host: str, port: int, export: str = "", local_address: str | None = None
+    ) -> NbdClient:
+        """Connect over TCP (from ``local_address``, if given)."""
+        stream = await trio.open_tcp_stream(host, port, local_address=local_address)
+        return await cls._start(stream, export)
 
     @classmethod
     async def _start(cls, stream: trio.abc.Stream, export: str) -> NbdClient:

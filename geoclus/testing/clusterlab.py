@@ -10,6 +10,12 @@ packet between their address ranges (both directions, UDP heartbeats and TLS
 alike), and healing deletes it. Control sockets are files, so the lab talks
 to each daemon from outside the namespace.
 
+With ``quorum="disk"`` the lab also runs the mirrored quorum disk: a small
+replicated volume (``geoclus volume serve``, ``sync``, ``on_peer_loss =
+"suspend"``) with its primary mirror at site A (127.0.1.9) and its secondary
+at site B (127.0.2.9), each exporting it over NBD; the inter-site cut cuts
+its replication link too.
+
 Needs root (``ip netns``, ``nft``). :meth:`close` stops every process and
 deletes the namespace, whatever state the run ended in.
 """
@@ -33,6 +39,17 @@ SITE_NETS = {"A": "127.0.1", "B": "127.0.2", "C": "127.0.3"}
 WITNESS_ADDR = "127.0.3.1"
 PORT = 7800
 WITNESS_PORT = 7850
+MIRROR_HOST = 9  # the quorum volume's daemon at each site: 127.0.X.9
+MIRROR_NBD_PORT = 10809
+MIRROR_LINK_PORT = 7790
+# Short disk timers for the lab (the defaults are the seeds' seconds).
+LAB_DISK_TIMERS = {
+    "quorum_disk_renew_s": 0.5,
+    "quorum_disk_hold_s": 2.0,
+    "quorum_disk_io_timeout_s": 0.5,
+    "min_arbitration_s": 2.5,
+    "max_arbitration_s": 20.0,
+}
 # Loopback between Python processes on a loaded 2-core machine is far from the
 # seeds' 500 us; the lab's budget is set where a healthy run stays under it.
 LAB_RTT_BUDGET_US = 50_000
@@ -79,6 +96,44 @@ class ClusterLab:
     def witness(self) -> bool:
         return self.quorum == "majority+witness"
 
+    @property
+    def disk(self) -> bool:
+        return self.quorum == "disk"
+
+    def mirror(self, site: str) -> str:
+        return f"{SITE_NETS[site]}.{MIRROR_HOST}"
+
+    def _write_mirror_configs(self) -> None:
+        a, b = self.site_names[:2]
+        for site, role, peer in ((a, "primary", b), (b, "secondary", a)):
+            text = (
+                f'[volume]\nname = "quorum"\nsize = "4MiB"\nstore = "qvol-{site}.img"\n'
+                f'mode = "sync"\nrole = "{role}"\non_peer_loss = "suspend"\n'
+                f'[node]\nname = "qvol-{site}"\n'
+                f'[replication]\nlisten = "{self.mirror(site)}:{MIRROR_LINK_PORT}"\n'
+                f'peer = "{self.mirror(peer)}:{MIRROR_LINK_PORT}"\ntls = false\n'
+                "keepalive_interval_s = 0.3\npeer_timeout_s = 1.5\nconnect_timeout_s = 1.0\n"
+                f'[export]\nnbd = "tcp://{self.mirror(site)}:{MIRROR_NBD_PORT}"\n'
+                f'[control]\nsocket = "qvol-{site}.ctl"\n'
+            )
+            with open(os.path.join(self.workdir, f"qvol-{site}.toml"), "w") as f:
+                f.write(text)
+
+    def start_mirror(self, site: str) -> None:
+        self._spawn(
+            f"qvol-{site}",
+            ["volume", "serve", "--config", os.path.join(self.workdir, f"qvol-{site}.toml")],
+        )
+
+    def _mirror_connected(self, site: str) -> bool:
+        try:
+            return bool(self.mirror_status(site)["status"]["connected"])
+        except (ControlError, KeyError):
+            return False
+
+    def mirror_status(self, site: str) -> dict[str, Any]:
+        return request(os.path.join(self.workdir, f"qvol-{site}.ctl"), "status", 5.0)
+
     def config(self, node: str) -> str:
         return os.path.join(self.workdir, f"{node}.toml")
 
@@ -94,7 +149,12 @@ class ClusterLab:
                 args += ["--node", f"{name}@{site}={SITE_NETS[site]}.{i}:{PORT}"]
         if self.witness:
             args += ["--witness", f"{WITNESS_ADDR}:{WITNESS_PORT}"]
-        for k, v in self.timers.items():
+        timers = dict(self.timers)
+        if self.disk:
+            for site in self.site_names[:2]:
+                args += ["--mirror", f"{self.mirror(site)}:{MIRROR_NBD_PORT}"]
+            timers = {**LAB_DISK_TIMERS, **timers}
+        for k, v in timers.items():
             args += ["--timer", f"{k}={v}"]
         res = subprocess.run(
             [sys.executable, "-m", "geoclus", *args], capture_output=True, text=True
@@ -104,6 +164,8 @@ class ClusterLab:
         _run("ip", "netns", "add", self.netns)
         self._ns_made = True
         _run("ip", "netns", "exec", self.netns, "ip", "link", "set", "lo", "up")
+        if self.disk:
+            self._write_mirror_configs()
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(os.path.join(self.workdir, f"{name}.log"), "ab")  # noqa: SIM115
@@ -126,6 +188,15 @@ class ClusterLab:
         self.setup()
         if self.witness:
             self.start_witness()
+        if self.disk:
+            a, b = self.site_names[:2]
+            self.start_mirror(b)
+            self.start_mirror(a)
+            self.wait_for(
+                "the quorum volume's mirrors to connect",
+                lambda: self._mirror_connected(a),
+                30,
+            )
         for name in self.nodes:
             self.start_node(name)
 
