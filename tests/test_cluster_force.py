@@ -137,3 +137,42 @@ def test_a_leaving_locker_is_not_taken_into_the_next_view() -> None:
     _run_until(sim, sim.now + sim.spec.timers.regroup_answer_timeout_s + 1.0)
     assert _one_view(sim, rest)
     assert not locker.acting(sim.now)
+
+
+def test_disk_quorum_forced_updates_survive_the_return_of_the_disk() -> None:
+    """``disk`` quorum, every link between the sites cut (the quorum disk's
+    primary mirror is at site A, so site B cannot reach it, and A's writes
+    are suspended without B's mirror): both sides stop; site B is forced and
+    commits; when everything heals, the forced site's update is in the one
+    history and the view holds the disk again (the override ends)."""
+    from geoclus.cluster.sim import QDISK
+
+    sim = _sim(QuorumKind.DISK)
+    _run_until(sim, 30)
+    assert _one_view(sim, A + B)
+    _cut(sim, A, B)
+    _cut(sim, B, [QDISK])
+    sim.mirror_cut = True
+    _run_until(sim, sim.now + sim.spec.stop_bound_s + 0.5)
+    assert not any(_acting(sim).values()), "without the disk neither side may act"
+    _run_until(sim, sim.now + 20)  # longer than a whole challenge: nobody takes it
+    assert not any(_acting(sim).values())
+
+    _force(sim, 2, "B")
+    _run_until(sim, sim.now + 15)
+    assert _one_view(sim, B)
+    locker = sim.cores[sim.cores[2].view[1]]  # type: ignore[union-attr,index]
+    assert locker is not None
+    sim._run_actions(locker.id, locker.submit("forced-update", {"op": "set"}, sim.now))
+    _run_until(sim, sim.now + 3)
+    assert "forced-update" in [e.uid for e in locker.committed()]
+
+    sim.cut.clear()
+    sim.mirror_cut = False
+    _run_until(sim, sim.now + 60)
+    assert _one_view(sim, A + B)
+    for n in A + B:
+        core = sim.cores[n]
+        assert core is not None and not core.disk.forced
+        assert "forced-update" in [e.uid for e in core.committed()], n
+    assert sum(1 for c in sim.cores.values() if c and c.arbiter and c.arbiter.owns(sim.now)) == 1
