@@ -49,6 +49,25 @@ def _histories(lab: ClusterLab, nodes: list[str]) -> dict[str, list[tuple[int, s
     return {n: [(e["index"], e["uid"]) for e in lab.ask(n, "log")["entries"]] for n in nodes}
 
 
+def _cut_and_see_both_sides_stop(lab: ClusterLab) -> None:
+    """Cut every link between sites A and B: every node must log losing
+    quorum within the documented bound and stop acting."""
+    import time
+
+    st = lab.status("a1")
+    assert st is not None
+    stop_bound_s = st["stop_bound_s"]
+    t_cut = time.time()
+    lab.cut("A", "B")
+    waited = lab.wait_for(
+        "both sides to stop", lambda: not any(lab.acting().values()), stop_bound_s + 5
+    )
+    assert waited <= stop_bound_s + SLACK_S + 1, waited
+    for n in lab.nodes:
+        evs = [e for e in _events(lab, n, "quorum", "loses quorum") if e["wall_time"] > t_cut]
+        assert evs and evs[0]["wall_time"] - t_cut <= stop_bound_s + SLACK_S, n
+
+
 def _set(lab: ClusterLab, node: str, key: str, value: str, timeout_s: float = 10):
     return lab.cli(
         "cluster", "set", "--config", lab.config(node), key, value, "--timeout", str(timeout_s)
@@ -92,21 +111,7 @@ def test_majority_without_witness_stops_both_sides_until_forced(lab_factory):
     assert r.returncode != 0 and "still answer heartbeats" in r.stderr, r.stderr
     st = lab.status("b1")
     assert st is not None and not st["forced"]
-    stop_bound_s = st["stop_bound_s"]
-
-    import time
-
-    t_cut = time.time()
-    lab.cut("A", "B")
-    waited = lab.wait_for(
-        "both sides to stop",
-        lambda: not any(lab.acting().values()),
-        stop_bound_s + 5,
-    )
-    assert waited <= stop_bound_s + SLACK_S + 1
-    for n in everyone:
-        evs = [e for e in _events(lab, n, "quorum", "loses quorum") if e["wall_time"] > t_cut]
-        assert evs and evs[0]["wall_time"] - t_cut <= stop_bound_s + SLACK_S, n
+    _cut_and_see_both_sides_stop(lab)
 
     # Wrong site, then the right one.
     r = lab.cli("cluster", "force-quorum", "--site", "A", "--config", lab.config("b1"))
@@ -213,23 +218,12 @@ def _disk(lab: ClusterLab, node: str) -> dict:
     return st["quorum_disk"]
 
 
-def _cut_until_both_sides_stop(lab: ClusterLab) -> float:
+def _cut_until_both_sides_stop(lab: ClusterLab) -> None:
     """Cut the sites apart; both must stop within the bound and stay stopped
     (the disk fails closed: no side can renew or take it)."""
     import time
 
-    st = lab.status("a1")
-    assert st is not None
-    stop_bound_s = st["stop_bound_s"]
-    t_cut = time.time()
-    lab.cut("A", "B")
-    waited = lab.wait_for(
-        "both sides to stop", lambda: not any(lab.acting().values()), stop_bound_s + 5
-    )
-    assert waited <= stop_bound_s + SLACK_S + 1, waited
-    for n in lab.nodes:
-        evs = [e for e in _events(lab, n, "quorum", "loses quorum") if e["wall_time"] > t_cut]
-        assert evs and evs[0]["wall_time"] - t_cut <= stop_bound_s + SLACK_S, n
+    _cut_and_see_both_sides_stop(lab)
     # Longer than a whole challenge (min_arbitration_s + the settle wait):
     # nobody takes the disk while its mirrors cannot reach each other.
     deadline = time.monotonic() + 8.0
@@ -240,7 +234,6 @@ def _cut_until_both_sides_stop(lab: ClusterLab) -> float:
     assert any("both mirrors" in e or "no answer" in e for e in errors), errors
     r = _set(lab, "a1", "app.cut", "9", timeout_s=3)
     assert r.returncode != 0 and "not committed within" in r.stderr, r.stderr
-    return stop_bound_s
 
 
 def test_disk_quorum_both_sides_stop_and_force_quorum_brings_one_back(lab_factory):
