@@ -68,6 +68,23 @@ def _cut_and_see_both_sides_stop(lab: ClusterLab) -> None:
         assert evs and evs[0]["wall_time"] - t_cut <= stop_bound_s + SLACK_S, n
 
 
+def _force_site_b(lab: ClusterLab) -> None:
+    """Once b1 no longer hears site A, force-quorum there: site B must form a
+    view under the override while site A stays stopped."""
+    lab.wait_for(
+        "b1 to stop hearing site A",
+        lambda: (
+            (s := lab.status("b1")) is not None
+            and all(n["state"] == "offline" for n in s["nodes"] if n["site"] == "A")
+        ),
+        20,
+    )
+    r = lab.cli("cluster", "force-quorum", "--site", "B", "--config", lab.config("b1"))
+    assert r.returncode == 0, r.stderr
+    lab.wait_for("site B to act under the override", lambda: lab.formed(["b1", "b2"]), 30)
+    assert not any(lab.acting(["a1", "a2"]).values())
+
+
 def _set(lab: ClusterLab, node: str, key: str, value: str, timeout_s: float = 10):
     return lab.cli(
         "cluster", "set", "--config", lab.config(node), key, value, "--timeout", str(timeout_s)
@@ -116,18 +133,7 @@ def test_majority_without_witness_stops_both_sides_until_forced(lab_factory):
     # Wrong site, then the right one.
     r = lab.cli("cluster", "force-quorum", "--site", "A", "--config", lab.config("b1"))
     assert r.returncode != 0 and "not A" in r.stderr
-    lab.wait_for(
-        "b1 to stop hearing site A",
-        lambda: (
-            (s := lab.status("b1")) is not None
-            and all(n["state"] == "offline" for n in s["nodes"] if n["site"] == "A")
-        ),
-        20,
-    )
-    r = lab.cli("cluster", "force-quorum", "--site", "B", "--config", lab.config("b1"))
-    assert r.returncode == 0, r.stderr
-    lab.wait_for("site B to act under the override", lambda: lab.formed(["b1", "b2"]), 30)
-    assert not any(lab.acting(["a1", "a2"]).values())
+    _force_site_b(lab)
     assert all((s or {}).get("forced") for s in lab.statuses(["b1", "b2"]).values())
     assert _set(lab, "b2", "app.forced", "2").returncode == 0
 
@@ -251,18 +257,7 @@ def test_disk_quorum_both_sides_stop_and_force_quorum_brings_one_back(lab_factor
 
     _cut_until_both_sides_stop(lab)
 
-    lab.wait_for(
-        "b1 to stop hearing site A",
-        lambda: (
-            (s := lab.status("b1")) is not None
-            and all(n["state"] == "offline" for n in s["nodes"] if n["site"] == "A")
-        ),
-        20,
-    )
-    r = lab.cli("cluster", "force-quorum", "--site", "B", "--config", lab.config("b1"))
-    assert r.returncode == 0, r.stderr
-    lab.wait_for("site B to act under the override", lambda: lab.formed(["b1", "b2"]), 30)
-    assert not any(lab.acting(["a1", "a2"]).values())
+    _force_site_b(lab)
     assert _set(lab, "b2", "app.forced", "2").returncode == 0
 
     lab.heal()
