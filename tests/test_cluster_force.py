@@ -80,7 +80,7 @@ def test_forced_site_acts_alone_and_the_override_ends_when_the_cluster_heals() -
     assert locker is not None
     sim._run_actions(locker.id, locker.submit("forced-update", {"op": "set"}, sim.now))
     _run_until(sim, sim.now + 3)
-    assert [e.uid for e in locker.committed()] == ["forced-update"]
+    assert sim.applied_uids(locker.id) == ["forced-update"]
 
     sim.cut.clear()
     _run_until(sim, sim.now + 30)
@@ -88,7 +88,7 @@ def test_forced_site_acts_alone_and_the_override_ends_when_the_cluster_heals() -
     for n in A + B:
         core = sim.cores[n]
         assert core is not None and not core.disk.forced
-        assert "forced-update" in [e.uid for e in core.committed()]
+        assert "forced-update" in sim.applied_uids(n)
 
 
 def test_forced_flag_survives_a_restart_of_a_forced_node() -> None:
@@ -165,7 +165,7 @@ def test_disk_quorum_forced_updates_survive_the_return_of_the_disk() -> None:
     assert locker is not None
     sim._run_actions(locker.id, locker.submit("forced-update", {"op": "set"}, sim.now))
     _run_until(sim, sim.now + 3)
-    assert "forced-update" in [e.uid for e in locker.committed()]
+    assert "forced-update" in sim.applied_uids(locker.id)
 
     sim.cut.clear()
     sim.mirror_cut = False
@@ -174,5 +174,5 @@ def test_disk_quorum_forced_updates_survive_the_return_of_the_disk() -> None:
     for n in A + B:
         core = sim.cores[n]
         assert core is not None and not core.disk.forced
-        assert "forced-update" in [e.uid for e in core.committed()], n
+        assert "forced-update" in sim.applied_uids(n), n
     assert sum(1 for c in sim.cores.values() if c and c.arbiter and c.arbiter.owns(sim.now)) == 1

@@ -9,6 +9,9 @@ is cut with nftables and healed.
 * With majority and no witness: both sides lose quorum; force-quorum is
   refused while the other site is seen, and once it is not, it brings site B
   back; the override ends when the cluster heals.
+* Log reset: the log is compacted into snapshots as updates commit; a node
+  that joins late catches up from the snapshot plus the entries after it,
+  and a node killed and restarted rebuilds its database from its own.
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ SLACK_S = 1.0  # scheduling on a loaded 2-core machine, and event timestamps
 def lab_factory(tmp_path):
     labs: list[ClusterLab] = []
 
-    def make(**kw) -> ClusterLab:
+    def make(hold: tuple[str, ...] = (), **kw) -> ClusterLab:
         lab = ClusterLab(str(tmp_path / f"lab{len(labs)}"), **kw)
         labs.append(lab)
-        lab.start()
+        lab.start(hold)
         return lab
 
     yield make
@@ -333,3 +336,55 @@ def test_disk_quorum_refuses_mirrors_over_the_round_trip_budget(lab_factory):
     lab.wait_for("a1 to answer", lambda: lab.status("a1") is not None, 20)
     assert _events(lab, "a1", "rtt", "OVER rtt_budget_us")
     assert _disk(lab, "a1")["allow_over_budget"]
+
+
+def test_log_resets_and_a_late_joiner_catches_up_from_the_snapshot(lab_factory):
+    lab = lab_factory(
+        quorum="majority", sites={"A": 2, "B": 1}, log_compact_entries=4, hold=("b1",)
+    )
+    lab.wait_for("a1 and a2 to form (2 of 3 votes)", lambda: lab.formed(["a1", "a2"]), 60)
+    for i in range(10):
+        r = _set(lab, ["a1", "a2"][i % 2], f"app.k{i}", str(i))
+        assert r.returncode == 0, r.stderr
+    for n in ("a1", "a2"):
+        lab.wait_for(
+            f"{n} to apply every update", lambda n=n: lab.status(n)["config_version"] >= 10, 10
+        )
+    st = lab.status("a1")
+    assert st is not None and st["snapshot_index"] >= 8, st
+    assert st["log_length"] == st["config_version"]
+    log = lab.ask("a1", "log")
+    assert log["snapshot_index"] == st["snapshot_index"]
+    assert all(e["index"] > log["snapshot_index"] for e in log["entries"])
+    assert _events(lab, "a1", "config", "log reset")
+    # the snapshot on log reset is also the checkpoint file, a valid backup
+    from geoclus.cluster.configdb import ConfigDb
+
+    with open(os.path.join(lab.workdir, "state-a1", "configdb.checkpoint"), "rb") as f:
+        checkpoint = ConfigDb.from_checkpoint(f.read(), "lab")
+    assert checkpoint.version >= 8 and checkpoint.values["app.k0"] == 0
+
+    def config(node: str) -> dict:
+        r = lab.cli("cluster", "get", "--json", "--config", lab.config(node))
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    # b1 joins with an empty state directory: it gets the snapshot and the tail.
+    lab.start_node("b1")
+    lab.wait_for("b1 to join", lambda: lab.formed(["a1", "a2", "b1"]), 60)
+    lab.wait_for("b1 to catch up", lambda: config("b1") == config("a1"), 10)
+    assert _events(lab, "b1", "config", "taken from the log's snapshot")
+    b1 = lab.status("b1")
+    assert b1 is not None and b1["snapshot_index"] >= 8
+
+    # a2, killed, rebuilds its database from its own snapshot and log.
+    lab.kill("a2")
+    lab.start_node("a2")
+    lab.wait_for("a2 to rejoin", lambda: lab.formed(["a1", "a2", "b1"]), 60)
+    assert _set(lab, "b1", "app.after", "11").returncode == 0
+    lab.wait_for(
+        "one configuration everywhere",
+        lambda: config("a1") == config("a2") == config("b1"),
+        10,
+    )
+    assert config("a2")["values"]["app.after"] == 11

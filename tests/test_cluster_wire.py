@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from geoclus.cluster import wire
-from geoclus.cluster.messages import Entry, NewView, Promise, Submit
+from geoclus.cluster.messages import Append, Entry, NewView, Promise, Snapshot, Submit
 from geoclus.cluster.node import Disk
 from geoclus.cluster.state import StateDir, StateError
 from geoclus.cluster.witnessd import restore_witness, witness_state
@@ -28,6 +28,12 @@ json_values = st.recursive(
     max_leaves=8,
 )
 entries = st.builds(Entry, views, st.integers(1, 10**6), st.text(max_size=12), json_values)
+snapshots = st.builds(
+    Snapshot,
+    st.integers(0, 10**6),
+    json_values,
+    st.lists(st.text(max_size=8), max_size=3).map(tuple),
+)
 messages = st.one_of(
     st.builds(
         Promise,
@@ -37,6 +43,15 @@ messages = st.one_of(
         st.integers(0, 100),
         st.floats(0, 100),
         st.floats(0, 100),
+        snapshots,
+    ),
+    st.builds(
+        Append,
+        views,
+        st.integers(0, 100),
+        st.lists(entries, max_size=4).map(tuple),
+        st.integers(0, 100),
+        st.none() | snapshots,
     ),
     st.builds(
         NewView,
@@ -46,6 +61,7 @@ messages = st.one_of(
         st.integers(0, 100),
         st.floats(0, 100),
         st.booleans(),
+        snapshots,
     ),
     st.builds(Submit, st.text(max_size=10), json_values),
     st.builds(
@@ -105,16 +121,17 @@ def test_disk_state_round_trips_and_damage_is_refused(tmp_path) -> None:
         promised=(5, 1),
         normal_view=(4, 0),
         members=frozenset({0, 1}),
-        log=[Entry((4, 0), 1, "u1", {"op": "set", "key": "k", "value": [1, {"a": None}]})],
-        commit=1,
+        log=[Entry((4, 0), 8, "u8", {"op": "set", "key": "k", "value": [1, {"a": None}]})],
+        commit=8,
         forced=True,
+        base=Snapshot(7, {"cluster": "c", "version": 7}, ("u6", "u7")),
     )
     sd.save_disk(disk)
     assert sd.load_disk() == disk
     path = os.path.join(sd.path, "cluster-state.json")
     good = pathlib.Path(path).read_bytes()
     doc = json.loads(good)
-    doc["body"] = doc["body"].replace('"commit":1', '"commit":0')
+    doc["body"] = doc["body"].replace('"commit":8', '"commit":0')
     pathlib.Path(path).write_text(json.dumps(doc))
     with pytest.raises(StateError, match="checksum mismatch"):
         sd.load_disk()
@@ -123,6 +140,18 @@ def test_disk_state_round_trips_and_damage_is_refused(tmp_path) -> None:
         sd.load_disk()
     # Nothing was rewritten by the failed loads.
     assert pathlib.Path(path).read_bytes() == good[: len(good) // 2]
+
+
+def test_a_state_file_from_before_log_compaction_loads_with_an_empty_snapshot(tmp_path) -> None:
+    sd = StateDir(str(tmp_path / "s"))
+    sd.save_disk(Disk(promised=(2, 0), log=[Entry((1, 0), 1, "u1", None)], commit=1))
+    path = os.path.join(sd.path, "cluster-state.json")
+    doc = json.loads(pathlib.Path(path).read_bytes())
+    body = json.loads(doc["body"])
+    del body["base"]
+    sd.save_json("cluster-state.json", body)
+    loaded = sd.load_disk()
+    assert loaded is not None and loaded.base.index == 0 and loaded.length == 1
 
 
 def test_epochs_rise_across_starts_and_a_damaged_epoch_file_is_refused(tmp_path) -> None:

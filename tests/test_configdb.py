@@ -4,6 +4,8 @@ after it gives exactly the same database as the whole log."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -127,3 +129,31 @@ def test_a_bad_restore_is_refused_and_changes_nothing(bad: dict, problem: str) -
     with pytest.raises(ConfigDbError, match=problem):
         db.apply(2, {"op": "restore", **bad})
     assert db.checkpoint() == before
+
+
+@pytest.mark.parametrize(
+    ("state", "problem"),
+    [
+        ("nope", "not a configuration state"),
+        ({"cluster": "c", "version": 1}, "not a configuration state"),
+        (
+            {"cluster": "other", "version": 1, "values": {}, "evicted": [], "paused": []},
+            "cluster 'other'",
+        ),
+        ({"cluster": "c", "version": -1, "values": {}, "evicted": [], "paused": []}, "version"),
+        ({"cluster": "c", "version": True, "values": {}, "evicted": [], "paused": []}, "version"),
+        ({"cluster": "c", "version": 1, "values": {"": 1}, "evicted": [], "paused": []}, "key"),
+        ({"cluster": "c", "version": 1, "values": {}, "evicted": [3], "paused": []}, "evicted"),
+    ],
+)
+def test_a_bad_snapshot_state_is_refused_naming_the_problem(state: object, problem: str) -> None:
+    with pytest.raises(ConfigDbError, match=problem):
+        ConfigDb.from_state(state, "c")
+
+
+def test_a_state_round_trips() -> None:
+    db = ConfigDb("c")
+    db.apply(1, {"op": "set", "key": "k", "value": [1, 2]})
+    db.apply(2, {"op": "evict", "node": "n3"})
+    again = ConfigDb.from_state(json.loads(json.dumps(db.state())), "c")
+    assert again == db

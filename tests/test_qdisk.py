@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from geoclus.cluster.messages import Entry
+from geoclus.cluster.messages import Entry, Snapshot
 from geoclus.cluster.node import LogImage
 from geoclus.cluster.qdisk import (
     BLOCK,
@@ -62,6 +62,18 @@ def test_a_log_image_round_trips() -> None:
     assert _read(data, size) == img
 
 
+def test_an_image_with_a_snapshot_round_trips_and_a_gap_after_it_is_refused() -> None:
+    size = slot_bytes(1 << 20)
+    base = Snapshot(30, {"version": 30, "values": {"k": 1}}, ("u29", "u30"))
+    tail = tuple(Entry((3, 1), i, f"u{i}", None) for i in (31, 32))
+    img = LogImage((3, 1), tail, base)
+    assert img.length == 32
+    assert _read(encode_image(img, 2, size), size) == img
+    gap = LogImage((3, 1), tail[1:], base)
+    with pytest.raises(QuorumDiskError, match="entry 31 has index 32"):
+        _read(encode_image(gap, 3, size), size)
+
+
 def test_a_torn_image_reads_as_absent_not_as_another_log() -> None:
     size = slot_bytes(1 << 20)
     data = bytearray(encode_image(_image(40), 5, size))
@@ -71,7 +83,7 @@ def test_a_torn_image_reads_as_absent_not_as_another_log() -> None:
 
 def test_an_image_larger_than_a_slot_is_refused_naming_the_remedy() -> None:
     size = slot_bytes(4 * BLOCK)
-    with pytest.raises(QuorumDiskError, match="larger quorum volume"):
+    with pytest.raises(QuorumDiskError, match="larger quorum volume or a lower"):
         encode_image(_image(200), 1, size)
 
 

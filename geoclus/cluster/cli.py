@@ -72,6 +72,13 @@ def _parse_node(text: str) -> tuple[str, str, str]:
     metavar="KEY=VALUE",
     help="Override a [timers] default, e.g. heartbeat_interval_s=0.3 (repeatable).",
 )
+@click.option(
+    "--log-compact-entries",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="[log] compact_entries: reset the log once this many committed entries gather.",
+)
 def init_cmd(
     directory: str,
     cluster_name: str,
@@ -81,6 +88,7 @@ def init_cmd(
     quorum_volume: str,
     mirrors: tuple[str, ...],
     timer_values: tuple[str, ...],
+    log_compact_entries: int,
 ) -> None:
     """Write DIR/ca (the cluster CA, a certificate per node and the witness)
     and DIR/NODE.toml for every node, then check each file as `node run` will."""
@@ -117,6 +125,7 @@ def init_cmd(
                         timers,
                         quorum_volume=quorum_volume,
                         mirrors=list(mirrors),
+                        log_compact_entries=log_compact_entries,
                     )
                 )
             cfg = load_cluster_config(path)

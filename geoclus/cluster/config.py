@@ -49,7 +49,11 @@ Example (written by ``geoclus cluster init``)::
     quorum_disk_hold_s = 6           # and owns the disk this long after a renewal
     quorum_disk_io_timeout_s = 1     # a disk operation slower than this failed
     rtt_budget_us = 500
-    snapshot_interval_s = 14400
+    snapshot_interval_s = 14400      # checkpoint (and log reset) at least this often
+
+    [log]
+    compact_entries = 1000           # reset the log once this many committed entries gather
+    max_entries = 100000             # at most this many entries after the snapshot
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ _ALLOWED: dict[str, set[str]] = {
     "witness": {"address"},
     "quorum_disk": {"volume", "mirrors", "allow_over_budget"},
     "timers": set(TIMER_KEYS),
+    "log": {"compact_entries", "max_entries"},
 }
 MAX_NODES = 64
 MAX_NETWORKS = 4
@@ -144,6 +149,8 @@ class ClusterConfig:
     allow_over_budget: bool
     timers: Timers
     quorum_disk_mirrors: tuple[Endpoint, ...] = ()
+    log_compact_entries: int = 1000
+    max_log_entries: int = 100_000
 
     @property
     def node_ids(self) -> dict[str, int]:
@@ -159,6 +166,8 @@ class ClusterConfig:
             kind=self.quorum,
             timers=self.timers,
             arbitration=self.timers.arbitration(),
+            max_log_entries=self.max_log_entries,
+            log_compact_entries=self.log_compact_entries,
         )
 
 
@@ -232,6 +241,7 @@ def parse_cluster_config(data: dict[str, Any], path: str = "<memory>") -> Cluste
     wt = _table(path, data, "witness", False)
     qd = _table(path, data, "quorum_disk", False)
     tm = _table(path, data, "timers", False)
+    lg = _table(path, data, "log", False)
 
     name = _name(path, "cluster.name", cl.get("name"))
     kind_text = cl.get("quorum")
@@ -353,6 +363,18 @@ def parse_cluster_config(data: dict[str, Any], path: str = "<memory>") -> Cluste
             "timers.regroup_answer_timeout_s",
             "must be longer than heartbeat_interval_s (a regroup must outlast a heartbeat)",
         )
+    compact = int(
+        _number(path, "log.compact_entries", lg.get("compact_entries", 1000), integer=True)
+    )
+    max_entries = int(
+        _number(path, "log.max_entries", lg.get("max_entries", 100_000), integer=True)
+    )
+    if max_entries <= compact:
+        raise _fail(
+            path,
+            "log.max_entries",
+            f"must be larger than compact_entries ({compact}): the log resets at compact_entries",
+        )
     return ClusterConfig(
         path=path,
         name=name,
@@ -368,6 +390,8 @@ def parse_cluster_config(data: dict[str, Any], path: str = "<memory>") -> Cluste
         allow_over_budget=allow,
         timers=t,
         quorum_disk_mirrors=mirrors,
+        log_compact_entries=compact,
+        max_log_entries=max_entries,
     )
 
 
@@ -381,6 +405,7 @@ def starter_config(
     *,
     quorum_volume: str = "quorum",
     mirrors: list[str] | None = None,
+    log_compact_entries: int = 1000,
 ) -> str:
     """The TOML ``geoclus cluster init`` writes for ``node`` (``nodes`` as
     (name, site, address) triples; certificates under ``ca/``; the state in
@@ -420,4 +445,7 @@ def starter_config(
     t = timers or Timers()
     lines += ["", "[timers]"]
     lines += [f"{k} = {getattr(t, k)!r}" for k in TIMER_KEYS]
+    max_entries = max(100_000, 2 * log_compact_entries)
+    lines += ["", "[log]", f"compact_entries = {log_compact_entries}"]
+    lines += [f"max_entries = {max_entries}"]
     return "\n".join(lines) + "\n"

@@ -21,8 +21,9 @@ changes; since every node applies the same committed log, every node refuses
 the same update and stays identical.
 
 :meth:`ConfigDb.checkpoint` is a self-checking snapshot (JSON with a SHA-256);
-a node that rejoins with a stale copy restores its last checkpoint and replays
-the log after it (:meth:`ConfigDb.from_checkpoint` + :meth:`apply`). The same
+the same state is the log's snapshot when the log is reset (compacted): a node
+that rejoins with a stale copy receives the snapshot and replays the log
+after it (:meth:`ConfigDb.from_state` + :meth:`apply`). The same
 format is the backup file of ``geoclus cluster backup`` / ``restore``; a
 truncated, corrupt or foreign file is refused naming what is wrong.
 """
@@ -123,14 +124,47 @@ class ConfigDb:
             raise ConfigDbError("backup has no state")
         if hashlib.sha256(body.encode()).hexdigest() != doc.get("sha256"):
             raise ConfigDbError("backup checksum mismatch: the file is corrupt")
-        state = json.loads(body)
-        if cluster is not None and state.get("cluster") != cluster:
+        try:
+            state = json.loads(body)
+        except ValueError:
+            raise ConfigDbError("backup state is not JSON: the file is corrupt") from None
+        return cls.from_state(state, cluster, what="backup")
+
+    @classmethod
+    def from_state(cls, state: Any, cluster: str | None = None, what: str = "snapshot") -> ConfigDb:
+        """The database whose :meth:`state` is ``state`` (a log snapshot's or a
+        checkpoint's), checked field by field: a malformed state raises
+        ConfigDbError naming the problem."""
+        if not isinstance(state, dict) or set(state) != {
+            "cluster",
+            "version",
+            "values",
+            "evicted",
+            "paused",
+        }:
             raise ConfigDbError(
-                f"backup of cluster {state.get('cluster')!r}, this is cluster {cluster!r}"
+                f"{what} is not a configuration state (cluster, version, values, evicted, paused)"
             )
+        name = state["cluster"]
+        if not isinstance(name, str):
+            raise ConfigDbError(f"{what}: cluster must be a name")
+        if cluster is not None and name != cluster:
+            raise ConfigDbError(f"{what} of cluster {name!r}, this is cluster {cluster!r}")
+        version = state["version"]
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ConfigDbError(f"{what}: version must be a version number")
+        _validate_restore(
+            {
+                "op": "restore",
+                "values": state["values"],
+                "evicted": state["evicted"],
+                "paused": state["paused"],
+                "from_version": version,
+            }
+        )
         return cls(
-            cluster=state["cluster"],
-            version=int(state["version"]),
+            cluster=name,
+            version=version,
             values=dict(state["values"]),
             evicted=set(state["evicted"]),
             paused=set(state["paused"]),

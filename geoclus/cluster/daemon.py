@@ -32,6 +32,7 @@ resends what matters).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import itertools
@@ -53,7 +54,7 @@ from geoclus.cluster import wire
 from geoclus.cluster.config import ClusterConfig
 from geoclus.cluster.configdb import ConfigDb, ConfigDbError, validate_update
 from geoclus.cluster.heartbeat import DATAGRAM_BYTES, HeartbeatCodec
-from geoclus.cluster.messages import Ping, Pong
+from geoclus.cluster.messages import Ping, Pong, Snapshot
 from geoclus.cluster.node import (
     WITNESS,
     Event,
@@ -138,7 +139,9 @@ class NodeDaemon:
         disk = self.state.load_disk()
         self.core = NodeCore(self.me, self.spec, disk, 0.0)  # rebuilt on trio's clock in run()
         self.db = ConfigDb(cfg.name)
-        self._apply_committed()
+        # The last applied updates' ids -> index (bounded): what waiting
+        # submitters look for, as entries may be compacted on commit.
+        self._applied_uids: collections.OrderedDict[str, int] = collections.OrderedDict()
         key = self.state.load_key()
         if key is None:
             key = (0, StateDir.new_key())  # provisional until a view forms or a peer's wins
@@ -176,6 +179,7 @@ class NodeDaemon:
         self.qdisk: QuorumDisk | None = None
         self.mirror_rtt_s: dict[str, float | None] = {}
         self.mirrors = tuple(Mirror(e.host, e.port) for e in cfg.quorum_disk_mirrors)
+        self._apply_committed()  # rebuild the database: the snapshot, then the log after it
 
     # --- startup -------------------------------------------------------------------
 
@@ -280,6 +284,10 @@ class NodeDaemon:
             result = lambda now: core.on_disk_written(op.tag, ok, started, now)  # noqa: E731
         elif isinstance(op, ReadLog):
             image = await disk.read_log()
+            problem = check_snapshot(image, self.cfg.name) if image is not None else ""
+            if problem:
+                self._event("arbitration", f"the quorum disk's log is refused: {problem}")
+                image = None  # a failed read: the view change fails, nothing is adopted
             result = lambda now: core.on_log_read(image, now)  # noqa: E731
         else:
             ok = await disk.write_log(op.image)
@@ -328,6 +336,8 @@ class NodeDaemon:
         if dirty:
             await self._persist()
         self._apply_committed()
+        if self.core.compaction_due():
+            await self._compact(f"{self.spec.log_compact_entries} committed entries gathered")
         acting = self.core.acting(trio.current_time())
         if acting and self.key_generation == 0 and self.core.is_locker:
             self._set_key(1, self.key, "the first view formed: key generation 1")
@@ -337,10 +347,20 @@ class NodeDaemon:
         await trio.to_thread.run_sync(self.state.save_disk, disk)
 
     def _apply_committed(self) -> None:
-        log_ = self.core.disk.log
+        d = self.core.disk
         changed = False
-        while self.db.version < self.core.disk.commit:
-            entry = log_[self.db.version]
+        if self.db.version < d.base.index:
+            # Behind the log's snapshot (a joiner, or a node back from a long
+            # absence): take the checkpoint, then replay the entries after it.
+            # Incoming snapshots were checked on arrival (check_snapshot).
+            self.db = ConfigDb.from_state(d.base.state, self.cfg.name)
+            self._event(
+                "config",
+                f"configuration version {self.db.version} taken from the log's snapshot",
+            )
+            changed = True
+        while self.db.version < d.commit:
+            entry = d.log[self.db.version - d.base.index]
             try:
                 self.db.apply(entry.index, entry.payload)
             except ConfigDbError as exc:
@@ -349,6 +369,9 @@ class NodeDaemon:
                 self._event("config", f"update {entry.index} ({entry.uid}) refused: {exc}")
             else:
                 self._on_applied(entry.payload)
+            self._applied_uids[entry.uid] = entry.index
+            while len(self._applied_uids) > self.spec.dedupe_uids:
+                self._applied_uids.popitem(last=False)
             changed = True
         if changed:
             self._committed.set()
@@ -690,6 +713,11 @@ class NodeDaemon:
         elif isinstance(msg, Ping | Pong | VoteReply | VoteRequest):
             self.dropped["unexpected message on a link"] += 1
         else:
+            problem = check_snapshot(msg, self.cfg.name)
+            if problem:
+                self.dropped["bad snapshot"] += 1
+                self._event("config", f"message from {name} dropped: {problem}")
+                return
             self._enqueue(self.inbox_send, (src, msg, None), "inbox full")
 
     # --- events ----------------------------------------------------------------------
@@ -761,11 +789,36 @@ class NodeDaemon:
                 await self._checkpoint()
 
     async def _checkpoint(self) -> str:
+        """Write the checkpoint file and reset the log to it (every
+        ``snapshot_interval_s``, and on ``geoclus cluster checkpoint``)."""
         self._last_checkpoint = trio.current_time()
         data = self.db.checkpoint()
         await trio.to_thread.run_sync(self.state.save_checkpoint, data)
         self._event("config", f"checkpoint of configuration version {self.db.version}")
+        async with self._lock:
+            if self.db.version > self.core.disk.base.index:
+                await self._compact("checkpoint")
         return os.path.join(self.state.path, "configdb.checkpoint")
+
+    async def _compact(self, why: str) -> None:
+        """Log reset: fold the applied entries into a snapshot of the
+        database (made durable before anything else is sent), and write the
+        checkpoint file of the same version (the snapshot on log reset)."""
+        version = self.db.version
+        if version > self.core.disk.commit or version <= self.core.disk.base.index:
+            return
+        folded = version - self.core.disk.base.index
+        await self._run_compaction(self.core.compact(version, self.db.state()))
+        data = self.db.checkpoint()
+        await trio.to_thread.run_sync(self.state.save_checkpoint, data)
+        self._event(
+            "config",
+            f"log reset ({why}): {folded} entries folded into the snapshot at version {version}",
+        )
+
+    async def _run_compaction(self, actions: list[Any]) -> None:
+        if any(isinstance(a, Persist) for a in actions):
+            await self._persist()
 
     # --- status ----------------------------------------------------------------------
 
@@ -823,7 +876,8 @@ class NodeDaemon:
             "members": sorted(self.names[m] for m in core.members) if core.installed else [],
             "nodes": nodes,
             "config_version": self.db.version,
-            "log_length": len(core.disk.log),
+            "log_length": core.disk.length,
+            "snapshot_index": core.disk.base.index,
             "commit": core.disk.commit,
             "witness": (
                 {
@@ -878,10 +932,11 @@ class NodeDaemon:
             return await self._submit(req.get("update"), float(req.get("wait_s", 30)))
         if cmd == "log":
             return {
+                "snapshot_index": self.core.disk.base.index,
                 "entries": [
                     {"index": e.index, "uid": e.uid, "view": list(e.view), "update": e.payload}
                     for e in self.core.committed()
-                ]
+                ],
             }
         if cmd == "backup":
             return {"checkpoint": self.db.checkpoint().decode(), "version": self.db.version}
@@ -939,11 +994,11 @@ class NodeDaemon:
             await self._run(self.core.submit(uid, update, trio.current_time()), None)
         with trio.move_on_after(timeout_s):
             while True:
-                for e in self.core.committed():
-                    if e.uid == uid:
-                        while self.db.version < e.index:
-                            await self._committed.wait()
-                        return {"uid": uid, "index": e.index, "version": self.db.version}
+                index = self._applied_uids.get(uid)
+                if index is None and uid in self.core.disk.base.uids:
+                    index = self.db.version  # arrived folded into a snapshot
+                if index is not None:
+                    return {"uid": uid, "index": index, "version": self.db.version}
                 await self._committed.wait()
         raise GeoclusError(
             f"update {uid} not committed within {timeout_s:g} s: the cluster has no quorum or "
@@ -1026,3 +1081,19 @@ def t_budget(cfg: ClusterConfig) -> float:
 def _stats_tuple(w: RttWindow) -> tuple[int, float, float, float]:
     s = w.stats()
     return s.samples, round(s.p50_us, 1), round(s.p99_us, 1), round(s.max_us, 1)
+
+
+def check_snapshot(msg: Any, cluster: str) -> str:
+    """Why the log snapshot in ``msg`` (Promise, NewView, Append, a quorum
+    disk's LogImage) must not reach the core (its state is not a configuration database of this
+    cluster at the snapshot's index), or "" if it may."""
+    base = getattr(msg, "base", None)
+    if not isinstance(base, Snapshot) or base.index == 0:
+        return ""
+    try:
+        db = ConfigDb.from_state(base.state, cluster)
+    except ConfigDbError as exc:
+        return f"its log snapshot is not valid: {exc}"
+    if db.version != base.index:
+        return f"its log snapshot is at index {base.index} but holds version {db.version}"
+    return ""

@@ -30,6 +30,29 @@ class Entry:
 
 
 @dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The log's compacted prefix (the checkpoint a log reset leaves):
+    entries ``1..index`` are folded into ``state``, the configuration
+    database as it stood after applying them (opaque to the core; the shell
+    makes and checks it). Only committed entries are ever compacted, so two
+    snapshots at one index hold the same state. ``uids`` are the last
+    compacted updates' ids (bounded), so a resubmission that arrives after
+    its entry was compacted is still recognised."""
+
+    index: int = 0
+    state: Any = None
+    uids: tuple[str, ...] = ()
+
+
+NO_SNAPSHOT = Snapshot()
+
+
+def log_length(base: Snapshot, tail: tuple[Entry, ...] | list[Entry]) -> int:
+    """Length of a log kept as a snapshot plus the entries after it."""
+    return base.index + len(tail)
+
+
+@dataclass(frozen=True, slots=True)
 class Ping:
     """Heartbeat, to every configured node every ``heartbeat_interval_s``."""
 
@@ -62,8 +85,9 @@ class Prepare:
 class Promise:
     """The acceptor will take no view below ``view`` and has stopped answering
     pings in its old view. ``release_s``: after this long, no node can still
-    count this acceptor's vote for the old view. Carries its log so the
-    coordinator can pick the most recent one."""
+    count this acceptor's vote for the old view. Carries its log (``base``
+    plus the entries after it, ``log``) so the coordinator can pick the most
+    recent one."""
 
     view: View
     normal_view: View
@@ -71,6 +95,11 @@ class Promise:
     commit: int
     release_s: float
     fence_s: float = 0.0  # how long the acceptor's current view must still wait before acting
+    base: Snapshot = NO_SNAPSHOT
+
+    @property
+    def length(self) -> int:
+        return log_length(self.base, self.log)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +114,9 @@ class Reject:
 
 @dataclass(frozen=True, slots=True)
 class NewView:
-    """The coordinator installs ``view`` with ``members`` and the chosen log;
-    no member acts in it before ``act_wait_s`` after receiving this."""
+    """The coordinator installs ``view`` with ``members`` and the chosen log
+    (``base``, the checkpoint, plus the entries after it: what a joiner
+    receives); no member acts in it before ``act_wait_s`` after receiving this."""
 
     view: View
     members: frozenset[int]
@@ -94,6 +124,7 @@ class NewView:
     commit: int
     act_wait_s: float
     forced: bool = False  # the view exists by force-quorum (members keep the override)
+    base: Snapshot = NO_SNAPSHOT
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,12 +138,15 @@ class Installed:
 @dataclass(frozen=True, slots=True)
 class Append:
     """The locker appends ``entries`` after position ``after`` (durably, before
-    the member answers)."""
+    the member answers). With ``base`` (a member behind the locker's
+    compacted prefix), ``after`` is ``base.index`` and the member replaces its
+    log with the snapshot and ``entries``."""
 
     view: View
     after: int
     entries: tuple[Entry, ...]
     commit: int
+    base: Snapshot | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from geoclus.cluster.messages import (
+    NO_SNAPSHOT,
     NO_VIEW,
     Append,
     Appended,
@@ -67,8 +68,10 @@ from geoclus.cluster.messages import (
     Prepare,
     Promise,
     Reject,
+    Snapshot,
     Submit,
     View,
+    log_length,
 )
 from quorum.arbitration import Arbiter, ArbitrationTimers, Phase, ReadDisk, Reservation, WriteDisk
 from quorum.votes import QuorumDecision, QuorumKind, commit_needed, decide
@@ -103,6 +106,10 @@ class ClusterSpec:
     timers: ClusterTimers = ClusterTimers()
     max_log_entries: int = 100_000
     max_pending_submits: int = 1024
+    # Log reset: once this many committed entries follow the last snapshot,
+    # the shell folds them into a new one (compaction_due / compact).
+    log_compact_entries: int = 1000
+    dedupe_uids: int = 4096  # compacted update ids still recognised as resubmissions
     arbitration: ArbitrationTimers = field(default_factory=ArbitrationTimers)
 
     def lease_s(self, a: int, b: int) -> float:
@@ -150,10 +157,16 @@ class Event:
 @dataclass(frozen=True, slots=True)
 class LogImage:
     """The quorum log as the ``disk`` quorum keeps it on the quorum disk:
-    the log of ``view`` (every entry durable on the disk once written)."""
+    the log of ``view``, a snapshot (``base``) and the entries after it
+    (every entry durable on the disk once written)."""
 
     view: View
     log: tuple[Entry, ...]
+    base: Snapshot = NO_SNAPSHOT
+
+    @property
+    def length(self) -> int:
+        return log_length(self.base, self.log)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,9 +193,15 @@ class Disk:
     promised: View = NO_VIEW
     normal_view: View = NO_VIEW
     members: frozenset[int] = frozenset()
-    log: list[Entry] = field(default_factory=list)
+    log: list[Entry] = field(default_factory=list)  # the entries after ``base``
     commit: int = 0
     forced: bool = False  # an operator forced quorum (force-quorum); cleared by a natural quorum
+    base: Snapshot = NO_SNAPSHOT  # the compacted prefix (entries 1..base.index)
+
+    @property
+    def length(self) -> int:
+        """The log's length, compacted prefix included."""
+        return log_length(self.base, self.log)
 
     def copy(self) -> Disk:
         return dataclasses.replace(self, log=list(self.log))
@@ -327,7 +346,34 @@ class NodeCore:
         return max(0.0, self._witness_until - now) if self.installed else 0.0
 
     def committed(self) -> list[Entry]:
-        return self.disk.log[: self.disk.commit]
+        """The committed entries still in the log (those after the snapshot)."""
+        return self.disk.log[: max(0, self.disk.commit - self.disk.base.index)]
+
+    def _after(self, index: int) -> tuple[Entry, ...]:
+        """The entries after position ``index`` (not inside the snapshot)."""
+        return tuple(self.disk.log[index - self.disk.base.index :])
+
+    def compaction_due(self) -> bool:
+        """True when ``log_compact_entries`` committed entries follow the last
+        snapshot: the shell should :meth:`compact` at its applied index."""
+        return self.disk.commit - self.disk.base.index >= self.spec.log_compact_entries
+
+    def compact(self, index: int, state: Any) -> list[Action]:
+        """Log reset: the shell's database ``state``, as it stands after
+        applying entries ``1..index``, replaces them. Only committed entries
+        can be folded (ValueError otherwise: nothing changes). Members that
+        are behind the snapshot receive it in place of the entries; a joiner
+        receives it plus the entries after it."""
+        d = self.disk
+        if index <= d.base.index:
+            return []
+        if index > d.commit:
+            raise ValueError(f"cannot compact to {index}: only {d.commit} entries are committed")
+        folded = d.log[: index - d.base.index]
+        uids = (d.base.uids + tuple(e.uid for e in folded))[-self.spec.dedupe_uids :]
+        d.log = d.log[index - d.base.index :]
+        d.base = Snapshot(index, state, uids)
+        return [Persist()]
 
     # --- inputs ----------------------------------------------------------------------
 
@@ -440,14 +486,14 @@ class NodeCore:
             self._next_regroup = now
         else:
             best = self._best(vc)
-            log = best.log
-            if (image.view, len(image.log)) > (best.normal_view, len(best.log)):
+            log, base = best.log, best.base
+            if (image.view, image.length) > (best.normal_view, best.length):
                 # The disk holds a later log than any promiser (its locker is
                 # gone): every entry on it is durable there, hence committed.
-                log = image.log
+                log, base = image.log, image.base
             # Record the new view on the disk before anyone installs it, so
             # every later coordinator (which reads the disk) learns of it.
-            vc.disk_image = LogImage(vc.view, log)
+            vc.disk_image = LogImage(vc.view, log, base)
             vc.disk_phase = "write-view"
             out.append(WriteLog(vc.disk_image))
         out += self._tick(now)
@@ -457,7 +503,7 @@ class NodeCore:
         """The :class:`WriteLog` of ``image`` finished (``ok`` False: it did
         not reach both mirrors)."""
         out: list[Action] = []
-        length = len(image.log)
+        length = image.length
         vc = self._vc
         if vc is not None and vc.disk_phase == "write-view" and image == vc.disk_image:
             slow = now - started > self.spec.arbitration.max_io_s
@@ -484,10 +530,10 @@ class NodeCore:
         arb = self.arbiter
         if arb is None or not self.is_locker or self._log_writing is not None:
             return
-        if self.disk.forced or not arb.owns(now) or self._log_on_disk >= len(self.disk.log):
+        if self.disk.forced or not arb.owns(now) or self._log_on_disk >= self.disk.length:
             return
-        self._log_writing = (self.view, len(self.disk.log))
-        out.append(WriteLog(LogImage(self.view, tuple(self.disk.log))))
+        self._log_writing = (self.view, self.disk.length)
+        out.append(WriteLog(LogImage(self.view, tuple(self.disk.log), self.disk.base)))
 
     def _disk_drive(self, now: float, out: list[Action]) -> None:
         """Move a view change's disk step on: arbitrate, then read the log."""
@@ -632,7 +678,7 @@ class NodeCore:
         if self.installed and msg.view == my_view:
             self._last_pong_sent_in_view = now
             if src == my_view[1] and msg.commit > self.disk.commit:
-                self._advance_commit(min(msg.commit, len(self.disk.log)), out)
+                self._advance_commit(min(msg.commit, self.disk.length), out)
         witness_s = max(0.0, self._tiebreak_until(now) - now) if self.is_locker else 0.0
         if witness_s > 0:
             self._tiebreak_given_until = max(self._tiebreak_given_until, now + witness_s)
@@ -763,7 +809,9 @@ class NodeCore:
         # Members may count the tie-breaker vote I passed on as locker until then.
         release_s = max(release_s, self._tiebreak_given_until - now)
         fence_s = max(0.0, self._fence_until - now)
-        promise = Promise(msg.view, d.normal_view, tuple(d.log), d.commit, release_s, fence_s)
+        promise = Promise(
+            msg.view, d.normal_view, tuple(d.log), d.commit, release_s, fence_s, d.base
+        )
         if src == self.id:
             if self._vc is not None and self._vc.view == msg.view:
                 self._vc.promises[self.id] = promise
@@ -792,7 +840,7 @@ class NodeCore:
             self._conclude(now, out)
 
     def _best(self, vc: _ViewChange) -> Promise:
-        return max(vc.promises.values(), key=lambda p: (p.normal_view, len(p.log)))
+        return max(vc.promises.values(), key=lambda p: (p.normal_view, p.length))
 
     def _conclude(self, now: float, out: list[Action]) -> None:
         vc = self._vc
@@ -826,7 +874,7 @@ class NodeCore:
             vc.witness_asked_at = now
             vc.deadline = now + self.spec.timers.regroup_answer_timeout_s
             vc.witness_request = VoteRequest(
-                vc.view, members, (best.normal_view, len(best.log)), record=False, echo=now
+                vc.view, members, (best.normal_view, best.length), record=False, echo=now
             )
             out.append(Send(WITNESS, vc.witness_request))
             return
@@ -852,7 +900,7 @@ class NodeCore:
         image = vc.disk_image
         if image is not None:
             # Written to the quorum disk with this view: all of it is durable.
-            best = Promise(vc.view, vc.view, image.log, len(image.log), 0.0, 0.0)
+            best = Promise(vc.view, vc.view, image.log, image.length, 0.0, 0.0, image.base)
         wait_s = max(p.release_s for p in vc.promises.values())
         old = self.disk.normal_view
         if (
@@ -869,12 +917,12 @@ class NodeCore:
             wait_s = max(wait_s, vc.witness_reply_at + vc.witness_reply.wait_s - now)
         commit = max(p.commit for p in vc.promises.values())
         if image is not None:
-            commit = len(image.log)
-        commit = min(commit, len(best.log))
+            commit = image.length
+        commit = min(commit, best.length)
         d = self.disk
         d.normal_view = vc.view
         d.members = members
-        d.log = list(best.log)
+        self._adopt(best.base, best.log)
         natural = decide(self.spec.kind, self.spec.nodes, members).has_quorum
         if self.spec.kind is QuorumKind.DISK:
             natural = image is not None  # it holds the disk
@@ -884,16 +932,16 @@ class NodeCore:
         out.append(Persist())
         self._enter_view(now, wait_s, out)
         self._advance_commit(commit, out)
-        self._acked = {self.id: len(d.log)}
+        self._acked = {self.id: d.length}
         self._append_time = {}
-        msg = NewView(vc.view, members, tuple(d.log), commit, wait_s, d.forced)
+        msg = NewView(vc.view, members, tuple(d.log), commit, wait_s, d.forced, d.base)
         for m in members - {self.id}:
             out.append(Send(m, msg))
         out.append(Event("view", f"view {vc.view} formed by {self.id}: members {sorted(members)}"))
         self._vc = None
         self._regroup_attempts = 0
         if image is not None:
-            self._log_on_disk = len(image.log)
+            self._log_on_disk = image.length
 
     def _enter_view(self, now: float, wait_s: float, out: list[Action]) -> None:
         self._log_on_disk = 0
@@ -912,15 +960,27 @@ class NodeCore:
         d = self.disk
         if msg.view != d.promised or src != msg.view[1] or self.id not in msg.members:
             return
+        if not _contiguous(msg.base, msg.log):
+            return  # not a log: drop it (the coordinator resends or times out)
         d.normal_view = msg.view
         d.members = msg.members
-        d.log = list(msg.log)
+        self._adopt(msg.base, msg.log)
         d.forced = msg.forced
         out.append(Persist())
         self._enter_view(now, msg.act_wait_s, out)
         self._witness_until = 0.0
-        self._advance_commit(min(msg.commit, len(d.log)), out)
-        out.append(Send(src, Installed(msg.view, len(d.log))))
+        self._advance_commit(min(msg.commit, d.length), out)
+        out.append(Send(src, Installed(msg.view, d.length)))
+
+    def _adopt(self, base: Snapshot, entries: tuple[Entry, ...] | list[Entry]) -> None:
+        """Take the log ``base`` + ``entries`` as mine. My commit index never
+        goes back: a snapshot beyond it means those entries are committed."""
+        d = self.disk
+        d.base = base
+        d.log = list(entries)
+        if base.index > d.commit:
+            d.commit = base.index
+            self.applied = base.index
 
     def _on_witness(self, msg: VoteReply, now: float, out: list[Action]) -> None:
         vc = self._vc
@@ -951,15 +1011,20 @@ class NodeCore:
     def _submit(self, sub: Submit, now: float) -> list[Action]:
         out: list[Action] = []
         if self.is_locker and self.acting(now):
-            if any(e.uid == sub.uid for e in self.disk.log):
+            if sub.uid in self.disk.base.uids or any(e.uid == sub.uid for e in self.disk.log):
                 return out  # a resubmission: already in the log
             if len(self.disk.log) >= self.spec.max_log_entries:
-                out.append(Event("update", f"log full ({len(self.disk.log)} entries): refused"))
+                out.append(
+                    Event(
+                        "update",
+                        f"log full ({len(self.disk.log)} entries after the snapshot): refused",
+                    )
+                )
                 return out
-            entry = Entry(self.view, len(self.disk.log) + 1, sub.uid, sub.payload)
+            entry = Entry(self.view, self.disk.length + 1, sub.uid, sub.payload)
             self.disk.log.append(entry)
             out.append(Persist())
-            self._acked[self.id] = len(self.disk.log)
+            self._acked[self.id] = self.disk.length
             self._append_time[entry.index] = now
             for m in self.disk.members - {self.id}:
                 out.append(Send(m, Append(self.view, entry.index - 1, (entry,), self.disk.commit)))
@@ -979,24 +1044,34 @@ class NodeCore:
         d = self.disk
         if not self.installed or msg.view != d.normal_view or src != msg.view[1]:
             return
-        if msg.after <= len(d.log):
-            new = [e for e in msg.entries if e.index > len(d.log)]
-            if new and new[0].index == len(d.log) + 1:
+        if msg.base is not None:
+            # I am behind the locker's snapshot: take it and what follows.
+            if msg.base.index > d.length and _contiguous(msg.base, msg.entries):
+                self._adopt(msg.base, msg.entries)
+                out.append(Persist())
+        elif msg.after <= d.length:
+            new = [e for e in msg.entries if e.index > d.length]
+            if new and new[0].index == d.length + 1 and _contiguous(Snapshot(d.length), new):
                 d.log.extend(new)
                 out.append(Persist())
-        out.append(Send(src, Appended(msg.view, len(d.log))))
+        out.append(Send(src, Appended(msg.view, d.length)))
         if msg.commit > d.commit:
-            self._advance_commit(min(msg.commit, len(d.log)), out)
+            self._advance_commit(min(msg.commit, d.length), out)
 
     def _on_acked(self, src: int, view: View, length: int, now: float, out: list[Action]) -> None:
         if not self.is_locker or view != self.view:
             return
         prev = self._acked.get(src, 0)
         self._acked[src] = max(prev, length)
-        if length < len(self.disk.log) and length <= prev:
-            # No progress since the last answer: it missed an Append; resend.
-            entries = tuple(self.disk.log[length:])
-            out.append(Send(src, Append(self.view, length, entries, self.disk.commit)))
+        d = self.disk
+        if length < d.length and length <= prev:
+            # No progress since the last answer: it missed an Append; resend
+            # (the snapshot too if it is behind it).
+            if length < d.base.index:
+                msg = Append(self.view, d.base.index, tuple(d.log), d.commit, d.base)
+            else:
+                msg = Append(self.view, length, self._after(length), d.commit)
+            out.append(Send(src, msg))
         self._try_commit(out)
 
     def _try_commit(self, out: list[Action]) -> None:
@@ -1006,7 +1081,7 @@ class NodeCore:
             need = min(need, len(d.members))  # the operator's partition: every member
             if self.spec.kind is QuorumKind.DISK:
                 need = len(d.members)  # no disk to hold the log: every member must
-        index = len(d.log)
+        index = d.length
         while index > d.commit:
             if self.spec.kind is QuorumKind.DISK and not d.forced:
                 # The quorum log lives on the disk: durable there is committed.
@@ -1029,7 +1104,7 @@ class NodeCore:
                     del self._append_time[i]
             self._advance_commit(index, out)
             for m in d.members - {self.id}:
-                out.append(Send(m, Append(self.view, len(d.log), (), d.commit)))
+                out.append(Send(m, Append(self.view, d.length, (), d.commit)))
 
     def _advance_commit(self, index: int, out: list[Action]) -> None:
         d = self.disk
@@ -1077,7 +1152,7 @@ class NodeCore:
                         VoteRequest(
                             self.view,
                             self.disk.members,
-                            (self.view, len(self.disk.log)),
+                            (self.view, self.disk.length),
                             record=record,
                             echo=now,
                         ),
@@ -1107,3 +1182,8 @@ class NodeCore:
             for sub in pending:
                 out += self._submit(sub, now)
         return out
+
+
+def _contiguous(base: Snapshot, entries: tuple[Entry, ...] | list[Entry]) -> bool:
+    """Do ``entries`` follow ``base`` without a gap (indices base.index+1, ...)?"""
+    return all(e.index == base.index + i for i, e in enumerate(entries, start=1))

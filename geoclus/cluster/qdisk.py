@@ -41,7 +41,7 @@ from typing import Any
 import trio
 
 from geoclus.cluster import wire
-from geoclus.cluster.messages import NO_VIEW, Entry
+from geoclus.cluster.messages import NO_VIEW, Entry, Snapshot
 from geoclus.cluster.node import LogImage
 from geoclus.errors import GeoclusError
 from geoclus.nbd.client import NbdClient, NbdClientError
@@ -101,7 +101,11 @@ def encode_image(image: LogImage, seq: int, slot_size: int) -> bytes:
     """A slot's bytes (header and JSON payload, padded to whole blocks).
     Raises :class:`QuorumDiskError` if the image does not fit the slot."""
     payload = json.dumps(
-        {"view": list(image.view), "log": wire.to_json(list(image.log))},
+        {
+            "view": list(image.view),
+            "base": wire.to_json(image.base),
+            "log": wire.to_json(list(image.log)),
+        },
         separators=(",", ":"),
     ).encode()
     head = _LOG.pack(LOG_MAGIC, seq, len(payload), hashlib.sha256(payload).digest())
@@ -109,7 +113,7 @@ def encode_image(image: LogImage, seq: int, slot_size: int) -> bytes:
     if len(data) > slot_size:
         raise QuorumDiskError(
             f"the quorum log needs {len(data)} bytes, a slot holds {slot_size}: "
-            "use a larger quorum volume or compact the log"
+            "use a larger quorum volume or a lower [log] compact_entries"
         )
     padded = -(-len(data) // BLOCK) * BLOCK
     return data.ljust(padded, b"\0")
@@ -143,13 +147,16 @@ def decode_image(header: SlotHeader, payload: bytes) -> LogImage | None:
     try:
         doc = json.loads(payload)
         view = wire.from_json(tuple[int, int], doc["view"], "view")
+        base = wire.from_json(Snapshot, doc["base"], "base")
         entries = wire.from_json(tuple[Entry, ...], doc["log"], "log")
     except (ValueError, KeyError, TypeError, wire.WireError) as exc:
         raise QuorumDiskError(f"log slot payload is not a quorum log: {exc}") from None
-    for i, e in enumerate(entries, start=1):
+    if base.index < 0:
+        raise QuorumDiskError(f"log slot snapshot has index {base.index}")
+    for i, e in enumerate(entries, start=base.index + 1):
         if e.index != i:
             raise QuorumDiskError(f"log slot entry {i} has index {e.index}")
-    return LogImage(view, tuple(entries))
+    return LogImage(view, tuple(entries), base)
 
 
 @dataclass(frozen=True)
@@ -278,7 +285,7 @@ class QuorumDisk:
             if image is None:
                 log.warning("quorum disk: log slot %d is torn (an interrupted write)", slot)
                 continue
-            key = ((image.view[0], image.view[1]), len(image.log))
+            key = ((image.view[0], image.view[1]), image.length)
             if best is None or key > best[0]:
                 best = (key, slot, image)
         if best is None:

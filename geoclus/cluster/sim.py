@@ -8,8 +8,12 @@ mirrors are cut from each other), in one process, on a simulated clock, over
 a simulated network that delays, drops, duplicates and reorders messages and
 is cut symmetrically and asymmetrically; nodes and the witness crash (losing
 everything but what they persisted) and restart. Operators submit
-configuration updates to random nodes throughout. Everything follows from
-one seed.
+configuration updates to random nodes throughout. Each node's shell applies
+committed updates to a state (a hash chain of the updates, standing in for
+the configuration database) and resets the log to a snapshot of it when the
+core says so and at random moments (the periodic checkpoint), so joiners
+and lagging members catch up from snapshots. Everything follows from one
+seed.
 
 After every step the checker asserts the safety properties (MISSION.md §3,
 4 and 5):
@@ -19,8 +23,10 @@ After every step the checker asserts the safety properties (MISSION.md §3,
   through other nodes) to a quorum of votes for longer than ``stop_bound_s``
   (plus the network's worst delay) is not acting;
 * **one history**: no two nodes ever commit different updates at one index,
-  a locker's log always holds every update committed so far, and every
-  node's applied updates are a prefix of that one history;
+  an update is committed at one index only, a locker's log (its snapshot and
+  the entries after it) always holds every update committed so far, every
+  node's applied updates are a prefix of that one history, and every log
+  snapshot holds exactly the history up to its index;
 * **one membership per view**: nodes installed in the same view agree on
   its members;
 * **one disk owner**: at most one node owns the quorum disk at a time.
@@ -32,6 +38,7 @@ every node must be in one view, acting, with the same committed log
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import random
 from collections.abc import Callable
@@ -56,6 +63,13 @@ from quorum.arbitration import FREE, ReadDisk, Reservation, WriteDisk
 from quorum.votes import QuorumKind, decide
 from quorum.witness import VoteRequest, WitnessCore
 
+_GENESIS = "0" * 16
+
+
+def _link(chain: str, uid: str) -> str:
+    """The shell state after applying ``uid`` to ``chain``."""
+    return hashlib.sha256(f"{chain}:{uid}".encode()).hexdigest()[:16]
+
 
 class SafetyViolation(AssertionError):
     """A safety property failed; the message names it, the time and the seed."""
@@ -78,6 +92,8 @@ class SimSettings:
     fault_every_s: float = 12.0
     submit_every_s: float = 2.0
     timers: ClusterTimers = field(default_factory=ClusterTimers)
+    log_compact_entries: int = 10  # log reset after this many committed entries
+    checkpoint_p: float = 0.02  # chance, per apply, of an extra (periodic) log reset
 
 
 def settings_for_seed(seed: int, kind: QuorumKind, **overrides: Any) -> SimSettings:
@@ -89,6 +105,7 @@ def settings_for_seed(seed: int, kind: QuorumKind, **overrides: Any) -> SimSetti
         "kind": kind,
         "duration_s": 150.0,
         "settle_s": 60.0,
+        "log_compact_entries": (3, 10, 40)[seed // 4 % 3],
     }
     base.update(overrides)
     return SimSettings(**base)
@@ -104,6 +121,8 @@ class SimResult:
     faults: list[str]
     events: int
     final_view: View
+    snapshots: int = 0  # log resets taken by the nodes' shells
+    adopted: int = 0  # times a shell caught up from a snapshot it received
 
 
 _WITNESS_SITE = "witness"
@@ -123,7 +142,13 @@ class Simulation:
         s = self.s = settings or SimSettings()
         ids = tuple(range(s.nodes))
         sites = {n: ("A" if n < (s.nodes + 1) // 2 else "B") for n in ids}
-        self.spec = ClusterSpec(nodes=ids, sites=sites, kind=s.kind, timers=s.timers)
+        self.spec = ClusterSpec(
+            nodes=ids,
+            sites=sites,
+            kind=s.kind,
+            timers=s.timers,
+            log_compact_entries=s.log_compact_entries,
+        )
         self.now = 0.0
         self._queue: list[tuple[float, int, str, Any]] = []
         self._seq = 0
@@ -147,6 +172,11 @@ class Simulation:
         self.cut: set[tuple[int, int]] = set()  # directed links that drop everything
         self._tick_at: dict[int, float] = {}
         self.history: dict[int, str] = {}  # index -> uid of every committed update
+        self.history_at: dict[str, int] = {}  # uid -> its index (committed once only)
+        self.chain: list[str] = [_GENESIS]  # chain[i]: the state after history 1..i
+        self.applied: dict[int, tuple[int, str]] = dict.fromkeys(ids, (0, _GENESIS))
+        self.snapshots_taken = 0
+        self.snapshots_adopted = 0  # a shell caught up from a snapshot, not entries
         self.view_members: dict[View, frozenset[int]] = {}
         self.last_quorum_path: dict[int, float] = dict.fromkeys(ids, 0.0)
         self.faults: list[str] = []
@@ -197,7 +227,65 @@ class Simulation:
                 self.events += 1
                 if self.trace is not None:
                     self.trace.append(f"{self.now:9.3f} [{n}] {a.kind}: {a.message}")
+        self._apply(n, core)
         self._schedule_tick(n, max(core.next_deadline(), self.now + 0.001))
+
+    # --- the shell's state machine ---------------------------------------------------------
+
+    def _record(self, n: int, index: int, uid: str) -> None:
+        """``uid`` is committed at ``index`` (seen at node ``n``)."""
+        known = self.history.setdefault(index, uid)
+        if known != uid:
+            raise self._fail(f"node {n} committed {uid} at index {index}, another node {known}")
+        at = self.history_at.setdefault(uid, index)
+        if at != index:
+            raise self._fail(f"update {uid} committed twice: at index {at} and at {index}")
+        if index == len(self.chain):
+            self.chain.append(_link(self.chain[-1], uid))
+        elif index > len(self.chain):
+            raise self._fail(f"node {n} committed index {index} before index {len(self.chain)}")
+
+    def applied_uids(self, n: int) -> list[str]:
+        """The updates node ``n``'s shell has applied, in order (its state is
+        checked to be that prefix of the one history)."""
+        index, chain = self.applied[n]
+        if chain != self.chain[index]:
+            raise self._fail(f"node {n}'s applied state is not the history up to {index}")
+        return [self.history[i] for i in range(1, index + 1)]
+
+    def _check_snapshot(self, n: int, base: Any, what: str) -> None:
+        if base.index == 0:
+            return
+        if base.index >= len(self.chain):
+            raise self._fail(
+                f"node {n} {what} a snapshot at index {base.index}: only "
+                f"{len(self.chain) - 1} updates were ever committed"
+            )
+        if base.state != {"index": base.index, "chain": self.chain[base.index]}:
+            raise self._fail(
+                f"node {n} {what} a snapshot at index {base.index} that is not the history"
+            )
+
+    def _apply(self, n: int, core: NodeCore) -> None:
+        """Apply what ``n`` has committed, as the daemon does: take the log's
+        snapshot when behind it, then the entries after it; reset the log
+        when the core says so (and now and then, like a periodic checkpoint)."""
+        d = core.disk
+        index, chain = self.applied[n]
+        if index < d.base.index:
+            self._check_snapshot(n, d.base, "adopted")
+            index, chain = d.base.index, d.base.state["chain"]
+            self.snapshots_adopted += 1
+        while index < min(d.commit, d.length):
+            e = d.log[index - d.base.index]
+            self._record(n, e.index, e.uid)
+            index, chain = e.index, _link(chain, e.uid)
+        self.applied[n] = (index, chain)
+        due = core.compaction_due()
+        if index > d.base.index and (due or self.rng.random() < self.s.checkpoint_p):
+            core.compact(index, {"index": index, "chain": chain})
+            self.persisted[n] = core.disk.copy()
+            self.snapshots_taken += 1
 
     # --- the quorum disk -----------------------------------------------------------------
 
@@ -314,6 +402,9 @@ class Simulation:
 
     def _restart(self, n: int) -> None:
         self.cores[n] = NodeCore(n, self.spec, self.persisted[n], self.now)
+        base = self.persisted[n].base
+        # The shell rebuilds its state from the snapshot and replays the log.
+        self.applied[n] = (base.index, base.state["chain"]) if base.index else (0, _GENESIS)
         self.faults.append(f"{self.now:.1f}s restart node {n}")
         self._tick_at.pop(n, None)
         self._schedule_tick(n, self.now)
@@ -383,11 +474,7 @@ class Simulation:
                 if core.is_locker:
                     lockers.append(core)
             for e in core.committed():
-                uid = self.history.setdefault(e.index, e.uid)
-                if uid != e.uid:
-                    raise self._fail(
-                        f"node {n} committed {e.uid} at index {e.index}, another node {uid}"
-                    )
+                self._record(n, e.index, e.uid)
         if len(acting_views) > 1:
             raise self._fail(f"two views act at once: {acting_views}")
         owners = [
@@ -401,12 +488,15 @@ class Simulation:
         for core in lockers:
             if core.view != latest:
                 continue  # a superseded locker cannot commit; its view's log is stale
-            log = core.disk.log
+            d = core.disk
+            self._check_snapshot(core.id, d.base, "as locker holds")
             for index, uid in self.history.items():
-                if index > len(log) or log[index - 1].uid != uid:
+                if index <= d.base.index:
+                    continue  # in the snapshot, checked above
+                if index > d.length or d.log[index - d.base.index - 1].uid != uid:
                     raise self._fail(
                         f"locker {core.id} of view {core.view} lost committed update "
-                        f"{uid} at index {index} (its log has {len(log)})"
+                        f"{uid} at index {index} (its log has {d.length})"
                     )
 
     # --- the run -----------------------------------------------------------------------
@@ -485,6 +575,8 @@ class Simulation:
             faults=self.faults,
             events=self.events,
             final_view=next(c.view for c in self.cores.values() if c is not None),
+            snapshots=self.snapshots_taken,
+            adopted=self.snapshots_adopted,
         )
 
     def _settle(self) -> None:
@@ -507,12 +599,11 @@ class Simulation:
                 f"after {self.s.settle_s:.0f}s healed: views {sorted(views)}, "
                 f"not acting {not_acting}"
             )
-        logs = {tuple(e.uid for e in c.committed()) for c in cores}
-        if len(logs) != 1:
-            raise self._fail("after healing the nodes' committed logs differ")
-        (log,) = logs
-        if list(log) != [self.history[i] for i in range(1, len(self.history) + 1)]:
-            raise self._fail("after healing the committed log is not the one history")
+        states = {self.applied[c.id] for c in cores}
+        if len(states) != 1:
+            raise self._fail(f"after healing the nodes' applied states differ: {sorted(states)}")
+        if states != {(len(self.chain) - 1, self.chain[-1])}:
+            raise self._fail("after healing the applied state is not the one history")
 
 
 def committed_entries(sim: Simulation) -> list[Entry]:

@@ -64,13 +64,16 @@ def sim(
                         "views": r.views_formed,
                         "regroups": r.regroups,
                         "faults": len(r.faults),
+                        "log_resets": r.snapshots,
+                        "snapshots_adopted": r.adopted,
                     }
                 )
             )
         else:
             click.echo(
                 f"seed {s}: ok, {settings.nodes} nodes, {r.steps} steps, {len(r.faults)} faults, "
-                f"{r.regroups} regroups, {r.views_formed} views, {r.committed} updates committed"
+                f"{r.regroups} regroups, {r.views_formed} views, {r.committed} updates committed, "
+                f"{r.snapshots} log resets, {r.adopted} caught up from a snapshot"
             )
             if seed is not None and run.trace is not None:
                 click.echo("\n".join(run.trace))

@@ -1,10 +1,10 @@
 """A cluster node's state directory: what must survive a crash.
 
 * ``cluster-state.json``: the node core's :class:`~geoclus.cluster.node.Disk`
-  (promised view, installed view and members, the configuration log, the
-  commit index, the force-quorum flag). Written atomically (temporary file,
-  fsync, rename, fsync of the directory) before any message that depends on
-  it is sent. Self-checking (SHA-256): a corrupt or truncated file stops the
+  (promised view, installed view and members, the configuration log as its
+  snapshot plus the entries after it, the commit index, the force-quorum
+  flag). Written atomically (temporary file, fsync, rename, fsync of the
+  directory) before any message that depends on it is sent. Self-checking (SHA-256): a corrupt or truncated file stops the
   node with an error naming it; it is never silently reset, because a node
   that forgot a promise could help form two views.
 * ``epoch``: the boot epoch, one higher on every start (heartbeat replay
@@ -26,7 +26,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from geoclus.cluster.messages import Entry, View
+from geoclus.cluster.messages import NO_SNAPSHOT, Entry, Snapshot, View
 from geoclus.cluster.node import Disk
 from geoclus.cluster.wire import EventRecord, WireError, from_json, to_json
 from geoclus.errors import GeoclusError
@@ -99,6 +99,7 @@ def disk_to_json(disk: Disk) -> dict[str, Any]:
         "log": to_json(tuple(disk.log)),
         "commit": disk.commit,
         "forced": disk.forced,
+        "base": to_json(disk.base),
     }
 
 
@@ -111,6 +112,7 @@ def disk_from_json(doc: dict[str, Any], where: str) -> Disk:
             log=list(from_json(tuple[Entry, ...], doc["log"], f"{where}.log")),
             commit=from_json(int, doc["commit"], f"{where}.commit"),
             forced=from_json(bool, doc["forced"], f"{where}.forced"),
+            base=from_json(Snapshot, doc.get("base", to_json(NO_SNAPSHOT)), f"{where}.base"),
         )
     except KeyError as exc:
         raise StateError(f"{where}: missing {exc.args[0]!r}") from None

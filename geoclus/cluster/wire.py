@@ -159,6 +159,10 @@ def from_json(tp: Any, value: Any, where: str) -> Any:
     """Strictly decode ``value`` as type ``tp``; WireError names ``where``."""
     if tp is Any:
         return value
+    if tp is types.NoneType:
+        if value is not None:
+            raise WireError(f"{where}: expected null")
+        return None
     origin = typing.get_origin(tp)
     if tp is bool:
         if not isinstance(value, bool):

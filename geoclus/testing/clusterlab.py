@@ -82,6 +82,7 @@ class ClusterLab:
             "rtt_budget_us": LAB_RTT_BUDGET_US,
         }
     )
+    log_compact_entries: int = 1000
     netns: str = field(default_factory=lambda: f"gclab-{uuid.uuid4().hex[:8]}")
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     nodes: dict[str, str] = field(default_factory=dict)  # name -> site
@@ -156,6 +157,7 @@ class ClusterLab:
             timers = {**LAB_DISK_TIMERS, **timers}
         for k, v in timers.items():
             args += ["--timer", f"{k}={v}"]
+        args += ["--log-compact-entries", str(self.log_compact_entries)]
         res = subprocess.run(
             [sys.executable, "-m", "geoclus", *args], capture_output=True, text=True
         )
@@ -183,8 +185,9 @@ class ClusterLab:
     def start_witness(self) -> None:
         self._spawn("witness", ["witness", "run", "--config", self.config("witness")])
 
-    def start(self) -> None:
-        """Set up and start every process."""
+    def start(self, hold: tuple[str, ...] = ()) -> None:
+        """Set up and start every process (but the nodes in ``hold``, which
+        the caller starts later with :meth:`start_node`)."""
         self.setup()
         if self.witness:
             self.start_witness()
@@ -198,7 +201,8 @@ class ClusterLab:
                 30,
             )
         for name in self.nodes:
-            self.start_node(name)
+            if name not in hold:
+                self.start_node(name)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         p = self.procs.pop(name, None)
