@@ -357,6 +357,8 @@ def test_log_resets_and_a_late_joiner_catches_up_from_the_snapshot(lab_factory):
     assert log["snapshot_index"] == st["snapshot_index"]
     assert all(e["index"] > log["snapshot_index"] for e in log["entries"])
     assert _events(lab, "a1", "config", "log reset")
+    r = lab.cli("cluster", "log", "--config", lab.config("a1"))
+    assert r.returncode == 0 and f"snapshot: updates 1-{log['snapshot_index']}" in r.stdout, r
     # the snapshot on log reset is also the checkpoint file, a valid backup
     from geoclus.cluster.configdb import ConfigDb
 

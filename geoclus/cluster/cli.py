@@ -279,6 +279,24 @@ def events_cmd(config_path: str, as_json: bool, follow: bool) -> None:
         time.sleep(1.0)
 
 
+@cluster.command("log")
+@_config_option
+@_json_option
+def log_cmd(config_path: str, as_json: bool) -> None:
+    """The committed configuration log as this node keeps it: the snapshot
+    (updates folded by the last log reset) and the entries after it."""
+    r = _ask(config_path, "log")
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    click.echo(
+        f"snapshot: updates 1-{r['snapshot_index']}" if r["snapshot_index"] else "snapshot: none"
+    )
+    for e in r["entries"]:
+        view = f"({e['view'][0]},{e['view'][1]})"
+        click.echo(f"{e['index']:>8} {view:<10} {e['uid']:<24} {json.dumps(e['update'])}")
+
+
 def _submit(config_path: str, update: dict[str, Any], timeout_s: float) -> None:
     r = _ask(config_path, "submit", timeout_s=timeout_s + 5, update=update, wait_s=timeout_s)
     click.echo(f"committed as update {r['index']}; configuration version {r['version']}")
