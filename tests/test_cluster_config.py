@@ -123,6 +123,12 @@ def test_disk_quorum_needs_its_mirrors_and_sane_timers(initialised: Path) -> Non
     doc["quorum_disk"]["mirrors"] = ["127.0.0.1:10809", "127.0.0.2:10809"]
     cfg = parse_cluster_config(doc, str(initialised / "a1.toml"))
     assert [str(m) for m in cfg.quorum_disk_mirrors] == ["127.0.0.1:10809", "127.0.0.2:10809"]
+    assert not cfg.quorum_disk_tls
+    doc["quorum_disk"]["tls"] = "yes"
+    with pytest.raises(ConfigError, match=r"quorum_disk\.tls"):
+        parse_cluster_config(doc, str(initialised / "a1.toml"))
+    doc["quorum_disk"]["tls"] = True
+    assert parse_cluster_config(doc, str(initialised / "a1.toml")).quorum_disk_tls
     assert cfg.spec().arbitration.hold_s == cfg.timers.quorum_disk_hold_s
     doc["timers"]["quorum_disk_hold_s"] = 2.0  # renewals every 2 s could not keep it
     with pytest.raises(ConfigError, match=r"quorum_disk_hold_s.*renew_interval_s"):

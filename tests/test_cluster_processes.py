@@ -253,6 +253,10 @@ def test_disk_quorum_both_sides_stop_and_force_quorum_brings_one_back(lab_factor
     assert st is not None and st["quorum"]["reason"] == "holds the quorum disk"
     assert _disk(lab, st["locker"])["owner_here"]
     assert sum(_disk(lab, n)["owner_here"] for n in everyone) == 1
+    # the nodes reach the quorum volume's export with NBD STARTTLS
+    for n in everyone:
+        assert _disk(lab, n)["tls"] and not _events(lab, n, "arbitration", "plain TCP")
+    assert lab.mirror_status("A")["status"]["nbd"]["tls_sessions"] >= len(everyone)
     assert _set(lab, "b2", "app.before", "1").returncode == 0
 
     r = lab.cli("cluster", "force-quorum", "--site", "B", "--config", lab.config("b1"))

@@ -564,3 +564,49 @@ async def test_daemon_warns_about_a_plain_tcp_export(
             daemon.request_shutdown()
     (warning,) = [r for r in caplog.records if "plain TCP" in r.getMessage()]
     assert "export.tls" in warning.getMessage()
+
+
+# --- our NbdClient (used by the cluster's quorum disk) over STARTTLS -------------------------
+
+
+async def test_our_client_upgrades_with_starttls_and_reads_and_writes(tls_served, pki) -> None:
+    from geoclus.nbd.client import NbdClient
+
+    _, port, server, device = tls_served
+    c = await NbdClient.connect_tcp("127.0.0.1", port, "demo", tls_context=client_context(pki))
+    async with trio.open_nursery() as n:
+        n.start_soon(c.run)
+        assert c.export is not None and c.export.size_bytes == 4 * MiB
+        data = os.urandom(64 * KiB)
+        await c.write(3 * MiB, data, fua=True)
+        assert await c.read(3 * MiB, len(data)) == data
+        assert await c.read(MiB, 4 * KiB) == b"t" * (4 * KiB)
+        await c.aclose()
+    assert await device.read(3 * MiB, len(data)) == data
+    assert server.statistics().tls_sessions >= 1
+
+
+async def test_our_client_without_tls_is_told_the_export_needs_it(tls_served) -> None:
+    from geoclus.nbd.client import NbdClient, NbdClientError
+
+    _, port, _, _ = tls_served
+    with pytest.raises(NbdClientError, match="requires TLS"):
+        await NbdClient.connect_tcp("127.0.0.1", port, "demo")
+
+
+async def test_our_client_refuses_a_server_without_tls_or_from_another_ca(
+    nursery: trio.Nursery, tls_served, pki
+) -> None:
+    from geoclus.nbd.client import NbdClient, NbdClientError
+
+    plain = NbdServer({"demo": MemoryDevice(MiB)}, tcp_port=0)
+    addresses = await start(nursery, plain)
+    with pytest.raises(NbdClientError, match="export has no TLS"):
+        await NbdClient.connect_tcp(
+            "127.0.0.1", addresses.tcp[0][1], "demo", tls_context=client_context(pki)
+        )
+    _, port, _, _ = tls_served  # a server whose certificate our foreign CA does not know
+    with pytest.raises(NbdClientError, match="TLS handshake"):
+        await NbdClient.connect_tcp(
+            "127.0.0.1", port, "demo", tls_context=client_context(pki, "mallory")
+        )

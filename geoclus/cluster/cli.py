@@ -79,6 +79,12 @@ def _parse_node(text: str) -> tuple[str, str, str]:
     type=click.IntRange(min=1),
     help="[log] compact_entries: reset the log once this many committed entries gather.",
 )
+@click.option(
+    "--quorum-disk-tls/--no-quorum-disk-tls",
+    default=False,
+    show_default=True,
+    help="disk quorum: reach the mirrors' exports with NBD STARTTLS and the node certificates.",
+)
 def init_cmd(
     directory: str,
     cluster_name: str,
@@ -89,6 +95,7 @@ def init_cmd(
     mirrors: tuple[str, ...],
     timer_values: tuple[str, ...],
     log_compact_entries: int,
+    quorum_disk_tls: bool,
 ) -> None:
     """Write DIR/ca (the cluster CA, a certificate per node and the witness)
     and DIR/NODE.toml for every node, then check each file as `node run` will."""
@@ -126,6 +133,7 @@ def init_cmd(
                         quorum_volume=quorum_volume,
                         mirrors=list(mirrors),
                         log_compact_entries=log_compact_entries,
+                        quorum_disk_tls=quorum_disk_tls,
                     )
                 )
             cfg = load_cluster_config(path)
@@ -217,6 +225,8 @@ def format_status(st: dict[str, Any]) -> str:
             else "NOT held by this node's view"
         )
         using = qd["using"] or "no writable mirror connected"
+        if qd["using"]:
+            using += " (TLS)" if qd.get("tls") else " (plain TCP)"
         lines.append(
             f"disk      {qd['volume']} via {using}; {held}; arbitration {qd['phase']}"
             + (f"; last error: {qd['last_error']}" if qd["last_error"] else "")

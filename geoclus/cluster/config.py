@@ -36,6 +36,7 @@ Example (written by ``geoclus cluster init``)::
     volume = "quorum"                # the export name of the quorum volume
     mirrors = ["10.0.0.9:10809", "10.0.1.9:10809"]   # its NBD export at each site
     allow_over_budget = false        # start even if the mirrors are over rtt_budget_us
+    tls = true                       # NBD STARTTLS with this node's cluster certificate
 
     [timers]
     heartbeat_interval_s = 1.2
@@ -89,7 +90,7 @@ _ALLOWED: dict[str, set[str]] = {
     "node": {"name", "cert", "key", "state_dir"},
     "nodes": {"name", "site", "addresses"},
     "witness": {"address"},
-    "quorum_disk": {"volume", "mirrors", "allow_over_budget"},
+    "quorum_disk": {"volume", "mirrors", "allow_over_budget", "tls"},
     "timers": set(TIMER_KEYS),
     "log": {"compact_entries", "max_entries"},
 }
@@ -149,6 +150,7 @@ class ClusterConfig:
     allow_over_budget: bool
     timers: Timers
     quorum_disk_mirrors: tuple[Endpoint, ...] = ()
+    quorum_disk_tls: bool = False
     log_compact_entries: int = 1000
     max_log_entries: int = 100_000
 
@@ -340,6 +342,9 @@ def parse_cluster_config(data: dict[str, Any], path: str = "<memory>") -> Cluste
     allow = qd.get("allow_over_budget", False)
     if not isinstance(allow, bool):
         raise _fail(path, "quorum_disk.allow_over_budget", "must be true or false")
+    disk_tls = qd.get("tls", False)
+    if not isinstance(disk_tls, bool):
+        raise _fail(path, "quorum_disk.tls", "must be true or false")
     sites = {n.site for n in nodes}
     if kind is QuorumKind.DISK and len(sites) != 2:
         raise _fail(path, "nodes", f"the disk quorum mirrors between two sites, not {len(sites)}")
@@ -390,6 +395,7 @@ def parse_cluster_config(data: dict[str, Any], path: str = "<memory>") -> Cluste
         allow_over_budget=allow,
         timers=t,
         quorum_disk_mirrors=mirrors,
+        quorum_disk_tls=disk_tls,
         log_compact_entries=compact,
         max_log_entries=max_entries,
     )
@@ -406,6 +412,7 @@ def starter_config(
     quorum_volume: str = "quorum",
     mirrors: list[str] | None = None,
     log_compact_entries: int = 1000,
+    quorum_disk_tls: bool = False,
 ) -> str:
     """The TOML ``geoclus cluster init`` writes for ``node`` (``nodes`` as
     (name, site, address) triples; certificates under ``ca/``; the state in
@@ -441,6 +448,7 @@ def starter_config(
             f'volume = "{quorum_volume}"',
             f"mirrors = [{listed}]",
             "allow_over_budget = false",
+            f"tls = {'true' if quorum_disk_tls else 'false'}",
         ]
     t = timers or Timers()
     lines += ["", "[timers]"]

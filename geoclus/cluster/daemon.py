@@ -135,6 +135,8 @@ class NodeDaemon:
         self.max_frame_bytes = max_frame_bytes
         self.server_ctx = server_ssl_context(cfg.ca, cfg.cert, cfg.key)
         self.client_ctx = client_ssl_context(cfg.ca, cfg.cert, cfg.key)
+        # The quorum disk's exports: NBD STARTTLS with this node's certificate.
+        self._disk_tls = self.client_ctx if cfg.quorum_disk_tls else None
         self.epoch = self.state.next_epoch()
         disk = self.state.load_disk()
         self.core = NodeCore(self.me, self.spec, disk, 0.0)  # rebuilt on trio's clock in run()
@@ -221,6 +223,7 @@ class NodeDaemon:
                     self.spec.arbitration.max_io_s,
                     nursery,
                     local_address=self.entry.addresses[0].host,
+                    tls_context=self._disk_tls,
                 )
             nursery.start_soon(self._core_loop)
             for net, udp in enumerate(self._udp):
@@ -238,8 +241,17 @@ class NodeDaemon:
         """Measure the round trip to the quorum disk's mirrors and refuse to
         start over ``rtt_budget_us`` unless the operator allowed it."""
         assert self.cfg.quorum_disk_volume is not None
+        if self._disk_tls is None:
+            self._event(
+                "arbitration",
+                "the quorum disk is reached over plain TCP: set [quorum_disk] tls = true and "
+                "give the quorum volume's exports a tls table from the cluster CA",
+            )
         self.mirror_rtt_s = await probe_mirrors(
-            self.mirrors, self.cfg.quorum_disk_volume, local_address=self.entry.addresses[0].host
+            self.mirrors,
+            self.cfg.quorum_disk_volume,
+            local_address=self.entry.addresses[0].host,
+            tls_context=self._disk_tls,
         )
         measured = {m: v for m, v in self.mirror_rtt_s.items() if v is not None}
         budget_us = self.cfg.timers.rtt_budget_us
@@ -914,6 +926,7 @@ class NodeDaemon:
                 m: None if v is None else round(v * 1e6) for m, v in self.mirror_rtt_s.items()
             },
             "allow_over_budget": self.cfg.allow_over_budget,
+            "tls": self.cfg.quorum_disk_tls,
         }
 
     # --- control ---------------------------------------------------------------------

@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -184,8 +185,10 @@ class QuorumDisk:
         max_io_s: float,
         nursery: trio.Nursery,
         local_address: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.mirrors = mirrors
+        self.tls_context = tls_context
         self.local_address = local_address
         self.export = export
         self.max_io_s = max_io_s
@@ -205,7 +208,9 @@ class QuorumDisk:
         problems = []
         for m in self.mirrors:
             try:
-                c = await NbdClient.connect_tcp(m.host, m.port, self.export, self.local_address)
+                c = await NbdClient.connect_tcp(
+                    m.host, m.port, self.export, self.local_address, self.tls_context
+                )
             except (OSError, NbdClientError) as exc:
                 problems.append(f"{m}: {exc}")
                 continue
@@ -225,7 +230,7 @@ class QuorumDisk:
         if c is None:
             return
         stream = c._stream
-        sock = getattr(stream, "socket", None)
+        sock = getattr(stream, "socket", None) or getattr(stream, "ssl_object", None)
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -324,6 +329,7 @@ async def probe_mirrors(
     probes: int = 20,
     timeout_s: float = 5.0,
     local_address: str | None = None,
+    tls_context: ssl.SSLContext | None = None,
 ) -> dict[str, float | None]:
     """Round trip (seconds, the median of ``probes`` 4 KiB reads) to every
     mirror's export; None where it cannot be reached within ``timeout_s``."""
@@ -332,7 +338,7 @@ async def probe_mirrors(
         samples: list[float] = []
         try:
             with trio.fail_after(timeout_s):
-                c = await NbdClient.connect_tcp(m.host, m.port, export, local_address)
+                c = await NbdClient.connect_tcp(m.host, m.port, export, local_address, tls_context)
                 async with trio.open_nursery() as n:
                     n.start_soon(c.run)
                     for _ in range(probes):

@@ -4,9 +4,10 @@
   (promised view, installed view and members, the configuration log as its
   snapshot plus the entries after it, the commit index, the force-quorum
   flag). Written atomically (temporary file, fsync, rename, fsync of the
-  directory) before any message that depends on it is sent. Self-checking (SHA-256): a corrupt or truncated file stops the
-  node with an error naming it; it is never silently reset, because a node
-  that forgot a promise could help form two views.
+  directory) before any message that depends on it is sent. Self-checking
+  (SHA-256): a corrupt or truncated file stops the node with an error naming
+  it; it is never silently reset, because a node that forgot a promise could
+  help form two views.
 * ``epoch``: the boot epoch, one higher on every start (heartbeat replay
   protection across restarts).
 * ``heartbeat.key``: the cluster heartbeat key and its generation, received

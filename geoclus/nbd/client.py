@@ -1,4 +1,5 @@
-"""A small async NBD client (fixed newstyle, NBD_OPT_GO, simple replies).
+"""A small async NBD client (fixed newstyle, NBD_OPT_GO, simple replies,
+and ``NBD_OPT_STARTTLS`` when given a TLS context).
 
 Used by the demo, the end-to-end tests and the benchmarks to drive an export
 from Python with exact per-request timing. Requests may be pipelined: each call
@@ -8,6 +9,7 @@ waits only for its own reply, matched by cookie.
 from __future__ import annotations
 
 import errno
+import ssl
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +18,7 @@ import trio
 
 from geoclus.errors import GeoclusError
 from geoclus.nbd import proto as p
+from geoclus.tlsstream import wrap_client
 
 _REQ = struct.Struct(">IHHQQI")
 _REPLY = struct.Struct(">IIQ")
@@ -61,19 +64,29 @@ class NbdClient:
 
     @classmethod
     async def connect_tcp(
-        cls, host: str, port: int, export: str = "", local_address: str | None = None
+        cls,
+        host: str,
+        port: int,
+        export: str = "",
+        local_address: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> NbdClient:
-        """Connect over TCP (from ``local_address``, if given)."""
+        """Connect over TCP (from ``local_address``, if given). With
+        ``tls_context`` the connection upgrades with ``NBD_OPT_STARTTLS``
+        before anything else is said (the server's certificate is checked
+        against the context's CA; a server that will not upgrade is refused)."""
         stream = await trio.open_tcp_stream(host, port, local_address=local_address)
-        return await cls._start(stream, export)
+        return await cls._start(stream, export, tls_context)
 
     @classmethod
-    async def _start(cls, stream: trio.abc.Stream, export: str) -> NbdClient:
+    async def _start(
+        cls, stream: trio.abc.Stream, export: str, tls_context: ssl.SSLContext | None = None
+    ) -> NbdClient:
         client = cls(stream)
         try:
-            await client._handshake(export)
+            await client._handshake(export, tls_context)
         except BaseException:
-            await stream.aclose()
+            await client._stream.aclose()
             raise
         return client
 
@@ -87,21 +100,45 @@ class NbdClient:
         del self._buf[:n]
         return out
 
-    async def _handshake(self, export: str) -> None:
+    async def _starttls(self, context: ssl.SSLContext) -> None:
+        await self._stream.send_all(struct.pack(">QII", p.IHAVEOPT, p.NBD_OPT_STARTTLS, 0))
+        magic, opt, rtype, length = struct.unpack(">QIII", await self._recv_exact(20))
+        body = await self._recv_exact(length)
+        if magic != p.NBD_OPT_REPLY_MAGIC or opt != p.NBD_OPT_STARTTLS:
+            raise NbdClientError("bad reply to NBD_OPT_STARTTLS")
+        if rtype != p.NBD_REP_ACK:
+            raise NbdClientError(
+                f"server refused NBD_OPT_STARTTLS ({p.REPLY_NAMES.get(rtype, hex(rtype))} "
+                f"{body[4:].decode(errors='replace')}): the export has no TLS; "
+                "connect without TLS or give the export a tls table"
+            )
+        if self._buf or not isinstance(self._stream, trio.SocketStream):
+            raise NbdClientError("NBD_OPT_STARTTLS: bytes arrived before the TLS handshake")
+        try:
+            self._stream = await wrap_client(self._stream, context)
+        except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+            raise NbdClientError(f"TLS handshake with the NBD server failed: {exc}") from None
+
+    async def _handshake(self, export: str, tls_context: ssl.SSLContext | None = None) -> None:
         magic, opt_magic, flags = struct.unpack(">QQH", await self._recv_exact(18))
         if magic != p.NBDMAGIC or opt_magic != p.IHAVEOPT:
             raise NbdClientError("not a newstyle NBD server")
         cflags = p.NBD_FLAG_C_FIXED_NEWSTYLE | (flags & p.NBD_FLAG_C_NO_ZEROES)
+        await self._stream.send_all(struct.pack(">I", cflags))
+        if tls_context is not None:
+            await self._starttls(tls_context)
         name = export.encode()
         data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
-        await self._stream.send_all(
-            struct.pack(">IQII", cflags, p.IHAVEOPT, p.NBD_OPT_GO, len(data)) + data
-        )
+        await self._stream.send_all(struct.pack(">QII", p.IHAVEOPT, p.NBD_OPT_GO, len(data)) + data)
         while True:
             _magic, _opt, rtype, length = struct.unpack(">QIII", await self._recv_exact(20))
             body = await self._recv_exact(length)
             if rtype == p.NBD_REP_ACK:
                 break
+            if rtype == p.NBD_REP_ERR_TLS_REQD:
+                raise NbdClientError(
+                    f"export {export!r} requires TLS: connect with the cluster's certificate"
+                )
             if rtype & p.NBD_REP_FLAG_ERROR:
                 raise NbdClientError(
                     f"server refused export {export!r}: reply {rtype:#x} "

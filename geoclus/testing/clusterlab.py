@@ -83,6 +83,7 @@ class ClusterLab:
         }
     )
     log_compact_entries: int = 1000
+    disk_tls: bool = True  # the quorum disk's exports over NBD STARTTLS
     netns: str = field(default_factory=lambda: f"gclab-{uuid.uuid4().hex[:8]}")
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     nodes: dict[str, str] = field(default_factory=dict)  # name -> site
@@ -105,8 +106,17 @@ class ClusterLab:
         return f"{SITE_NETS[site]}.{MIRROR_HOST}"
 
     def _write_mirror_configs(self) -> None:
+        from geoclus.ca import issue_node_cert
+
         a, b = self.site_names[:2]
         for site, role, peer in ((a, "primary", b), (b, "secondary", a)):
+            export_tls = ""
+            if self.disk_tls:  # the nodes reach the export with STARTTLS, cluster CA
+                issue_node_cert(os.path.join(self.workdir, "ca"), f"qvol-{site}")
+                export_tls = (
+                    f'tls = {{ ca = "ca/ca.crt", cert = "ca/qvol-{site}.crt", '
+                    f'key = "ca/qvol-{site}.key" }}\n'
+                )
             text = (
                 f'[volume]\nname = "quorum"\nsize = "4MiB"\nstore = "qvol-{site}.img"\n'
                 f'mode = "sync"\nrole = "{role}"\non_peer_loss = "suspend"\n'
@@ -115,7 +125,8 @@ class ClusterLab:
                 f'peer = "{self.mirror(peer)}:{MIRROR_LINK_PORT}"\ntls = false\n'
                 "keepalive_interval_s = 0.3\npeer_timeout_s = 1.5\nconnect_timeout_s = 1.0\n"
                 f'[export]\nnbd = "tcp://{self.mirror(site)}:{MIRROR_NBD_PORT}"\n'
-                f'[control]\nsocket = "qvol-{site}.ctl"\n'
+                + export_tls
+                + f'[control]\nsocket = "qvol-{site}.ctl"\n'
             )
             with open(os.path.join(self.workdir, f"qvol-{site}.toml"), "w") as f:
                 f.write(text)
@@ -155,6 +166,8 @@ class ClusterLab:
             for site in self.site_names[:2]:
                 args += ["--mirror", f"{self.mirror(site)}:{MIRROR_NBD_PORT}"]
             timers = {**LAB_DISK_TIMERS, **timers}
+            if self.disk_tls:
+                args += ["--quorum-disk-tls"]
         for k, v in timers.items():
             args += ["--timer", f"{k}={v}"]
         args += ["--log-compact-entries", str(self.log_compact_entries)]
