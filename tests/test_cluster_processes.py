@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
+from geoclus.cluster.config import load_cluster_config
 from geoclus.testing.clusterlab import ClusterLab, partition_and_heal
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for ip netns and nft")
@@ -170,6 +172,7 @@ def test_evict_refuses_the_node_and_leave_re_forms_at_once(lab_factory):
     st0 = lab.status("a1")
     assert st0 is not None
     generation = st0["key_generation"]
+    assert st0["quorum"]["total"] == 5  # four nodes and the witness
     r = lab.cli("cluster", "evict", "b2", "--config", lab.config("a1"))
     assert r.returncode == 0, r.stderr
     rest = ["a1", "a2", "b1"]
@@ -181,16 +184,36 @@ def test_evict_refuses_the_node_and_leave_re_forms_at_once(lab_factory):
         ),
         10,
     )
-    # b2 still runs and still tries: its connections are refused and its
-    # heartbeats (old key) dropped; it never gets back in.
-    lab.wait_for(
-        "b2's connections to be refused",
-        lambda: any(
-            any("evicted" in k for k in (s or {}).get("dropped", {}))
+    # b2's vote left the total: three voters and the witness.
+    for n, s in lab.statuses(rest).items():
+        assert s is not None and s["voters"] == rest, (n, s)
+        assert (s["quorum"]["total"], s["quorum"]["needed"]) == (4, 3), (n, s["quorum"])
+    text = lab.cli("cluster", "status", "--config", lab.config("a1")).stdout
+    assert "voters    a1, a2, b1" in text, text
+    # b2 was running: it learnt of its eviction, stopped, and says why.
+    assert lab.procs["b2"].wait(timeout=20) == 1
+    with open(os.path.join(lab.workdir, "b2.log")) as f:
+        assert "b2 was evicted from cluster lab" in f.read()
+    # Restarted with its state, it stops again at once. Restarted with an
+    # empty state (its old certificate, nothing else), it is refused: its
+    # connections are refused and its heartbeats dropped; it never gets in.
+    lab.start_node("b2")
+    assert lab.procs["b2"].wait(timeout=20) == 1
+    b2_state = load_cluster_config(lab.config("b2")).state_dir
+    shutil.rmtree(b2_state)
+
+    def refused() -> int:
+        return sum(
+            v
             for s in lab.statuses(rest).values()
-        ),
-        10,
-    )
+            for k, v in (s or {}).get("dropped", {}).items()
+            if "refused connection (evicted)" in k
+        )
+
+    before = refused()
+    lab.start_node("b2")
+    lab.wait_for("b2 to run again", lambda: lab.status("b2") is not None, 15)
+    lab.wait_for("b2's connections to be refused", lambda: refused() > before, 15)
     for _ in range(10):
         assert lab.formed(rest)
         b2 = lab.status("b2")

@@ -112,6 +112,23 @@ def test_restore_replaces_the_whole_database_in_one_update() -> None:
     assert (db.values, db.evicted, db.version) == ({"a": 1}, {"n9"}, 5)
 
 
+def test_a_restore_neither_undoes_nor_adds_evictions() -> None:
+    """Evictions change the vote total one at a time (through the log's
+    voter rules), so a restore cannot bring an evicted node back or evict
+    several at once: it keeps the evicted set in force."""
+    db = ConfigDb("c")
+    db.apply(1, {"op": "evict", "node": "n1"})
+    restore = {
+        "op": "restore",
+        "values": {"k": 1},
+        "evicted": ["n2", "n3"],
+        "paused": ["n1", "n4"],
+        "from_version": 0,
+    }
+    db.apply(2, restore)
+    assert (db.values, db.evicted, db.paused) == ({"k": 1}, {"n1"}, {"n4"})
+
+
 @pytest.mark.parametrize(
     ("bad", "problem"),
     [

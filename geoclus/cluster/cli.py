@@ -211,6 +211,12 @@ def format_status(st: dict[str, Any]) -> str:
         f"members {', '.join(st['members']) or '-'}",
         f"config    version {st['config_version']} (log {st['log_length']}, "
         f"committed {st['commit']})",
+        f"voters    {', '.join(st['voters'])}"
+        + (
+            f"  (next view: {', '.join(st['voters_committed'])})"
+            if st["voters_committed"] != st["voters"]
+            else ""
+        ),
     ]
     w = st.get("witness")
     if w is not None:
@@ -359,9 +365,11 @@ def get_cmd(config_path: str, as_json: bool) -> None:
 @click.argument("node")
 @click.option("--timeout", "timeout_s", default=30.0, show_default=True)
 def evict_cmd(config_path: str, node: str, timeout_s: float) -> None:
-    """Remove NODE from the cluster: its certificate is refused from then on
-    and the heartbeat key is rotated. (Its vote still counts in the total
-    until it is removed from every node's TOML.)"""
+    """Remove NODE from the cluster for good: its certificate is refused from
+    then on, the heartbeat key is rotated, and once the next view forms its
+    vote leaves the total (quorum is counted over the remaining voters).
+    Evictions take effect one at a time: a second one waits until the
+    first has. NODE stops itself if it is running and learns of it."""
     _submit(config_path, {"op": "evict", "node": node}, timeout_s)
 
 
@@ -417,6 +425,8 @@ def restore_cmd(config_path: str, file: str, timeout_s: float) -> None:
         f"restored the backup of version {db.version} as update {r['index']}; "
         f"configuration version {r['version']}"
     )
+    if r.get("note"):
+        click.echo(f"note: {r['note']}")
 
 
 @cluster.command("force-quorum")
@@ -510,6 +520,12 @@ def node_run(config_path: str, verbose: bool) -> None:
     except GeoclusError as exc:
         raise click.ClickException(str(exc)) from None
     _run_until_signal(d.run, verbose)
+    if d.core.evicted:
+        raise click.ClickException(
+            f"node {cfg.node} was evicted from cluster {cfg.name}: it stopped for good. To "
+            "bring this machine back, give it a new node name and certificate and add it "
+            "to every node's configuration"
+        )
 
 
 @click.group("witness")

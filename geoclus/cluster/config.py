@@ -170,7 +170,21 @@ class ClusterConfig:
             arbitration=self.timers.arbitration(),
             max_log_entries=self.max_log_entries,
             log_compact_entries=self.log_compact_entries,
+            removal=_Removal(ids),
         )
+
+
+@dataclass(frozen=True, eq=False)
+class _Removal:
+    """Which node a configuration update evicts (``{"op": "evict", "node":
+    NAME}``), as the core's :attr:`ClusterSpec.removal` wants it."""
+
+    ids: dict[str, int]
+
+    def __call__(self, payload: Any) -> int | None:
+        if isinstance(payload, dict) and payload.get("op") == "evict":
+            return self.ids.get(payload.get("node"))  # type: ignore[arg-type]
+        return None
 
 
 def _fail(path: str, key: str, problem: str) -> ConfigError:

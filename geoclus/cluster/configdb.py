@@ -6,12 +6,16 @@ Every committed log entry carries one update, a dict with an ``op``:
 * ``{"op": "set", "key": K, "value": V}``: set a key (keys are dotted names,
   values JSON);
 * ``{"op": "delete", "key": K}``;
-* ``{"op": "evict", "node": NAME}``: the node leaves the configuration and its
-  certificate is refused from then on;
+* ``{"op": "evict", "node": NAME}``: the node leaves the configuration (and
+  the vote total, once the next view forms) and its certificate is refused
+  from then on; an eviction is permanent;
 * ``{"op": "pause", "node": NAME}`` / ``{"op": "resume", "node": NAME}``;
 * ``{"op": "restore", "values": {...}, "evicted": [...], "paused": [...],
   "from_version": N}``: ``geoclus cluster restore``: the whole database is
-  replaced by a backup's contents, as one update (atomic, in log order).
+  replaced by a backup's contents, as one update (atomic, in log order),
+  except the evicted nodes: evictions change the vote total one at a time
+  through ``evict`` and are never undone, so a restore keeps the current
+  evicted set (the daemon reports backup evictions that are not in force).
 
 :class:`ConfigDb` applies entries strictly in log order (an entry whose index
 is not the next one is refused) and is *versioned*: ``version`` is the index
@@ -81,8 +85,7 @@ class ConfigDb:
             self.paused.discard(change["node"])
         elif op == "restore":
             self.values = dict(change["values"])
-            self.evicted = set(change["evicted"])
-            self.paused = set(change["paused"])
+            self.paused = set(change["paused"]) - self.evicted
         self.version = index
 
     def state(self) -> dict[str, Any]:

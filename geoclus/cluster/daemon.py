@@ -350,6 +350,10 @@ class NodeDaemon:
         self._apply_committed()
         if self.core.compaction_due():
             await self._compact(f"{self.spec.log_compact_entries} committed entries gathered")
+        if self.core.evicted and not self._stopping and self._nursery is not None:
+            self._stopping = True
+            self._event("membership", f"node {self.cfg.node} is evicted: the service stops")
+            self._nursery.start_soon(self._announce_exit)
         acting = self.core.acting(trio.current_time())
         if acting and self.key_generation == 0 and self.core.is_locker:
             self._set_key(1, self.key, "the first view formed: key generation 1")
@@ -886,6 +890,10 @@ class NodeDaemon:
             "view": [view[0], self.names.get(view[1], "-")],
             "locker": locker,
             "members": sorted(self.names[m] for m in core.members) if core.installed else [],
+            # The voter set quorum counts (the view's), and the one the
+            # committed log defines (they differ until the next view forms).
+            "voters": sorted(self.names[m] for m in core.view_voters),
+            "voters_committed": sorted(self.names[m] for m in core.committed_voters()),
             "nodes": nodes,
             "config_version": self.db.version,
             "log_length": core.disk.length,
@@ -967,7 +975,17 @@ class NodeDaemon:
                 "paused": sorted(restored.paused),
                 "from_version": restored.version,
             }
-            return await self._submit(update, float(req.get("wait_s", 30)))
+            result = await self._submit(update, float(req.get("wait_s", 30)))
+            back = sorted(restored.evicted - self.db.evicted)
+            kept = sorted(self.db.evicted - restored.evicted)
+            if back:
+                result["note"] = (
+                    f"the backup lists evicted node(s) {back} that are not evicted now: a "
+                    "restore does not change the voters; run `geoclus cluster evict` for each"
+                )
+            elif kept:
+                result["note"] = f"node(s) {kept} stay evicted (evictions are never undone)"
+            return result
         if cmd == "force_quorum":
             site = req.get("site")
             if not isinstance(site, str):
@@ -1023,6 +1041,10 @@ class NodeDaemon:
         async with self._lock:
             await self._run(self.core.leave(trio.current_time()), None)
         self._event("membership", f"node {self.cfg.node} leaves the cluster (planned)")
+        await self._announce_exit()
+
+    async def _announce_exit(self) -> None:
+        """Tell every peer this node stops (a Leave), then stop the service."""
         for peer in self.peers.values():
             self._enqueue(
                 peer.outbox_send, wire.Leave(self.cfg.node), f"outbox to {peer.name} full"

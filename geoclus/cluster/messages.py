@@ -37,11 +37,14 @@ class Snapshot:
     makes and checks it). Only committed entries are ever compacted, so two
     snapshots at one index hold the same state. ``uids`` are the last
     compacted updates' ids (bounded), so a resubmission that arrives after
-    its entry was compacted is still recognised."""
+    its entry was compacted is still recognised. ``removed``: the nodes the
+    compacted entries evicted (they no longer count in the vote total; the
+    core needs them without reading the opaque ``state``)."""
 
     index: int = 0
     state: Any = None
     uids: tuple[str, ...] = ()
+    removed: frozenset[int] = frozenset()
 
 
 NO_SNAPSHOT = Snapshot()

@@ -42,6 +42,23 @@ protocol; in short:
   and Pings) covers it. A member that has not acknowledged an update within
   ``update_timeout_s`` is dropped by a regroup (the seeds' GUM rule).
 
+* **Changing the voters (evict).** Quorum counts the votes of a view's
+  *voter set*, fixed when the view forms: every configured node that the
+  chosen log (snapshot and entries, committed or not) does not evict. An
+  eviction is an ordinary update that the locker appends one at a time: only
+  while no other eviction is in its log beyond its view's voter set, and only
+  once the log it started the view with is committed in its view. It commits
+  under the view's voters (the old, larger set), and then the locker regroups
+  so that the next view counts the new set: the promisers must make a quorum
+  of the voter set the chosen log defines, and the members are the promisers
+  in it. These are the single-server-change rules of Raft (one change at a
+  time, and none before the view has committed its starting log): two voter
+  sets in use then differ by at most one node, so their quorums intersect,
+  and a stale node that missed two evictions cannot gather a quorum even
+  with the evicted nodes still running (any quorum of its old set holds a
+  node with the later log, which the view change then picks). A node that
+  finds its own eviction committed stops (like a planned leave).
+
 Safety (checked by geoclus/cluster/sim.py after every step): at any moment
 every acting node is in the same view; a node cut off from quorum stops within
 ``stop_bound_s``; committed updates are never lost and are applied in one
@@ -51,6 +68,7 @@ order everywhere; members of a view agree on it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +114,11 @@ class ClusterTimers:
         return self.heartbeat_interval_s * n
 
 
+def no_removal(payload: Any) -> int | None:
+    """The default :attr:`ClusterSpec.removal`: no update evicts a node."""
+    return None
+
+
 @dataclass(frozen=True)
 class ClusterSpec:
     """The static part of the configuration the core needs."""
@@ -111,6 +134,20 @@ class ClusterSpec:
     log_compact_entries: int = 1000
     dedupe_uids: int = 4096  # compacted update ids still recognised as resubmissions
     arbitration: ArbitrationTimers = field(default_factory=ArbitrationTimers)
+    # Which node a configuration update evicts (None: none). The payload is
+    # opaque to the core otherwise; the shell says which updates are
+    # evictions. See "Changing the voters" in the module docstring.
+    removal: Callable[[Any], int | None] = no_removal
+
+    def voters(self, base: Snapshot, entries: Iterable[Entry]) -> frozenset[int]:
+        """The voter set a log (``base`` plus ``entries``) defines: every
+        configured node that neither the snapshot nor an entry evicted."""
+        removed = set(base.removed)
+        for e in entries:
+            gone = self.removal(e.payload)
+            if gone is not None:
+                removed.add(gone)
+        return frozenset(n for n in self.nodes if n not in removed)
 
     def lease_s(self, a: int, b: int) -> float:
         return self.timers.lease_s(self.sites.get(a) == self.sites.get(b))
@@ -197,6 +234,9 @@ class Disk:
     commit: int = 0
     forced: bool = False  # an operator forced quorum (force-quorum); cleared by a natural quorum
     base: Snapshot = NO_SNAPSHOT  # the compacted prefix (entries 1..base.index)
+    # The installed view's voter set, fixed when the view formed (None: a
+    # state from before voter changes, every configured node not in the snapshot's removed).
+    voters: frozenset[int] | None = None
 
     @property
     def length(self) -> int:
@@ -288,6 +328,10 @@ class NodeCore:
         self._forced_retry_at = now
         self._forced_reason = ""
         self._log_on_disk = 0  # length of my view's log durable on the quorum disk
+        self._view_start_length = 0  # locker: the log's length when my view formed
+        self._committed_voters: tuple[tuple[int, frozenset[int], int], frozenset[int]] | None = None
+        self._deferred_said: set[str] = set()  # evictions whose wait was reported
+        self.evicted = False  # my own eviction is committed: I stopped
 
     # --- queries ---------------------------------------------------------------------
 
@@ -302,6 +346,26 @@ class NodeCore:
     @property
     def is_locker(self) -> bool:
         return self.installed and self.disk.normal_view[1] == self.id
+
+    @property
+    def view_voters(self) -> frozenset[int]:
+        """The voter set of my view (what quorum and commits count)."""
+        d = self.disk
+        if d.voters is not None:
+            return d.voters
+        return frozenset(self.spec.nodes) - d.base.removed
+
+    def log_voters(self) -> frozenset[int]:
+        """The voter set my whole log defines (a pending eviction included)."""
+        return self.spec.voters(self.disk.base, self.disk.log)
+
+    def committed_voters(self) -> frozenset[int]:
+        """The voter set my committed log defines."""
+        d = self.disk
+        key = (d.base.index, d.base.removed, d.commit)
+        if self._committed_voters is None or self._committed_voters[0] != key:
+            self._committed_voters = (key, self.spec.voters(d.base, self.committed()))
+        return self._committed_voters[1]
 
     def fresh_voters(self, now: float) -> frozenset[int]:
         """Members whose vote for my view still counts here (myself included)."""
@@ -321,7 +385,7 @@ class NodeCore:
         """The quorum decision for my view now (what status shows)."""
         return decide(
             self.spec.kind,
-            self.spec.nodes,
+            self.view_voters,
             self.fresh_voters(now),
             witness_vote=self._witness_until > now,
             disk_owned=self.installed and self._tiebreak_until(now) > now,
@@ -371,8 +435,9 @@ class NodeCore:
             raise ValueError(f"cannot compact to {index}: only {d.commit} entries are committed")
         folded = d.log[: index - d.base.index]
         uids = (d.base.uids + tuple(e.uid for e in folded))[-self.spec.dedupe_uids :]
+        removed = frozenset(self.spec.nodes) - self.spec.voters(d.base, folded)
         d.log = d.log[index - d.base.index :]
-        d.base = Snapshot(index, state, uids)
+        d.base = Snapshot(index, state, uids, removed)
         return [Persist()]
 
     # --- inputs ----------------------------------------------------------------------
@@ -430,6 +495,9 @@ class NodeCore:
             # The locker left: members take turns (lower ids first) instead
             # of all starting rival view changes on the same tick.
             self._next_regroup = now + self._stagger()
+        elif self._vc is None and not self.installed and node == self.disk.promised[1]:
+            # The coordinator I promised (and wait for) left: stop waiting.
+            self._next_regroup = min(self._next_regroup, now + self._stagger())
         return self._tick(now)
 
     def leave(self, now: float) -> list[Action]:
@@ -650,6 +718,8 @@ class NodeCore:
 
     def next_deadline(self) -> float:
         """The latest time :meth:`on_tick` must be called by."""
+        if self._leaving:
+            return float("inf")  # silent for good: nothing to wake for
         deadlines = [self._next_ping]
         if self._vc is not None:
             deadlines.append(self._vc.deadline)
@@ -718,6 +788,11 @@ class NodeCore:
         return (1 + self.spec.nodes.index(self.id)) * self.spec.timers.heartbeat_interval_s * 0.5
 
     def _want_regroup(self, now: float) -> str | None:
+        if not self.installed and self.id not in self.log_voters():
+            # My log evicts me (not committed yet, or I would have stopped)
+            # and I am in no view: I start no view change, which could only
+            # disrupt the others' (theirs takes me in if the eviction is lost).
+            return None
         reach = self.reachable(now)
         if not self.installed:
             return "in no view"
@@ -731,9 +806,15 @@ class NodeCore:
             gone = self.disk.members - reach
             if gone:
                 return f"member(s) {sorted(gone)} not heard"
-            # A reachable node answering in another view: a new or restarted
+            if self.committed_voters() != self.view_voters:
+                out_ = sorted(self.view_voters - self.committed_voters())
+                return f"node(s) {out_} evicted: the next view counts the voters left"
+            # A reachable voter answering in another view: a new or restarted
             # node (member or not) that wants to (re)join.
-            joiners = {n for n in reach - {self.id} if self._heard_view.get(n) != self.view}
+            voters = self.log_voters()
+            joiners = {
+                n for n in reach - {self.id} if n in voters and self._heard_view.get(n) != self.view
+            }
             if joiners:
                 return f"node(s) {sorted(joiners)} want to join"
             slow = self._slow_members(now)
@@ -802,7 +883,9 @@ class NodeCore:
             self.arbiter.release()
             self._vc = None
             a = self.spec.arbitration
-            patience = a.min_arbitration_s + a.settle_s + 2 * a.max_io_s
+            # challenge read, wait, read, claim, settle wait, read, then the
+            # log read and the new view's write: six disk operations in all
+            patience = a.min_arbitration_s + a.settle_s + 6 * a.max_io_s
             patience += self.spec.timers.regroup_answer_timeout_s + self._stagger()
             self._next_regroup = max(self._next_regroup, now + patience)
         release_s = max(0.0, self._last_pong_sent_in_view + self.spec.max_lease_s - now)
@@ -842,10 +925,25 @@ class NodeCore:
     def _best(self, vc: _ViewChange) -> Promise:
         return max(vc.promises.values(), key=lambda p: (p.normal_view, p.length))
 
+    def _formation(self, vc: _ViewChange, *, witness_vote: bool = False) -> QuorumDecision:
+        """May the promisers form the new view? They must make a quorum of
+        the new view's voter set: the one the chosen log defines."""
+        best = self._best(vc)
+        return decide(
+            self.spec.kind,
+            self.spec.voters(best.base, best.log),
+            frozenset(vc.promises),
+            witness_vote=witness_vote,
+            forced=self.disk.forced,
+        )
+
     def _conclude(self, now: float, out: list[Action]) -> None:
         vc = self._vc
         assert vc is not None
         members = frozenset(vc.promises)
+        known = max(p.commit for p in vc.promises.values())
+        if vc.disk_phase is None and self._evicted_by(self._best(vc), known, now, out):
+            return
         unheard = self._forced_unheard(now, vc)
         if self.spec.kind is QuorumKind.DISK and vc.disk_phase is None and unheard:
             self._fail_view_change(now, unheard, out)
@@ -865,7 +963,7 @@ class NodeCore:
             vc.deadline = now + a.max_arbitration_s + a.settle_s + 2 * a.max_io_s
             self._disk_drive(now, out)
             return
-        nodes_only = decide(self.spec.kind, self.spec.nodes, members, forced=self.disk.forced)
+        nodes_only = self._formation(vc)
         if nodes_only.has_quorum:
             self._install_as_coordinator(now, out)
             return
@@ -874,11 +972,29 @@ class NodeCore:
             vc.witness_asked_at = now
             vc.deadline = now + self.spec.timers.regroup_answer_timeout_s
             vc.witness_request = VoteRequest(
-                vc.view, members, (best.normal_view, best.length), record=False, echo=now
+                vc.view,
+                members & self.spec.voters(best.base, best.log),
+                (best.normal_view, best.length),
+                record=False,
+                echo=now,
             )
             out.append(Send(WITNESS, vc.witness_request))
             return
         self._fail_view_change(now, f"no quorum: {nodes_only.reason}", out)
+
+    def _evicted_by(self, best: Promise, known_commit: int, now: float, out: list[Action]) -> bool:
+        """Does the log a view change chose evict me? Then I do not form the
+        view: if the eviction is committed (within ``known_commit``; I was
+        away when it committed) I stop, else another node forms it."""
+        if self.id in self.spec.voters(best.base, best.log):
+            return False
+        done = best.log[: max(0, known_commit - best.base.index)]
+        if self.id not in self.spec.voters(best.base, done):
+            self._vc = None
+            self._stop_evicted(now, out)
+        else:
+            self._fail_view_change(now, "the chosen log evicts this node", out)
+        return True
 
     def _fail_view_change(self, now: float, why: str, out: list[Action]) -> None:
         vc = self._vc
@@ -896,17 +1012,23 @@ class NodeCore:
             self._vc = None  # I promised a higher view meanwhile
             return
         best = self._best(vc)
-        members = frozenset(vc.promises)
         image = vc.disk_image
         if image is not None:
             # Written to the quorum disk with this view: all of it is durable.
             best = Promise(vc.view, vc.view, image.log, image.length, 0.0, 0.0, image.base)
+        known = max(p.commit for p in vc.promises.values())
+        if image is not None:
+            known = image.length  # on the quorum disk: committed
+        if self._evicted_by(best, known, now, out):
+            return
+        voters = self.spec.voters(best.base, best.log)
+        members = frozenset(vc.promises) & voters
         wait_s = max(p.release_s for p in vc.promises.values())
         old = self.disk.normal_view
         if (
             old != NO_VIEW
             and all(p.normal_view == old for p in vc.promises.values())
-            and self.disk.members <= members | self._left
+            and self.disk.members <= set(vc.promises) | self._left
         ):
             # Every member of the old view promised (so stopped acting in it)
             # or left on purpose (stopped first): nobody can still act in it,
@@ -922,8 +1044,10 @@ class NodeCore:
         d = self.disk
         d.normal_view = vc.view
         d.members = members
+        d.voters = voters
         self._adopt(best.base, best.log)
-        natural = decide(self.spec.kind, self.spec.nodes, members).has_quorum
+        self._view_start_length = d.length
+        natural = decide(self.spec.kind, voters, members).has_quorum
         if self.spec.kind is QuorumKind.DISK:
             natural = image is not None  # it holds the disk
         if d.forced and (natural or vc.witness_reply is not None):
@@ -964,6 +1088,7 @@ class NodeCore:
             return  # not a log: drop it (the coordinator resends or times out)
         d.normal_view = msg.view
         d.members = msg.members
+        d.voters = self.spec.voters(msg.base, msg.log)
         self._adopt(msg.base, msg.log)
         d.forced = msg.forced
         out.append(Persist())
@@ -991,7 +1116,7 @@ class NodeCore:
             if not msg.granted:
                 self._fail_view_change(now, f"witness refused: {msg.reason}", out)
                 return
-            with_witness = decide(self.spec.kind, self.spec.nodes, vc.promises, witness_vote=True)
+            with_witness = self._formation(vc, witness_vote=True)
             if not with_witness.has_quorum:
                 self._fail_view_change(now, f"no quorum: {with_witness.reason}", out)
                 return
@@ -1013,6 +1138,8 @@ class NodeCore:
         if self.is_locker and self.acting(now):
             if sub.uid in self.disk.base.uids or any(e.uid == sub.uid for e in self.disk.log):
                 return out  # a resubmission: already in the log
+            if self._defer_eviction(sub, out):
+                return out
             if len(self.disk.log) >= self.spec.max_log_entries:
                 out.append(
                     Event(
@@ -1039,6 +1166,45 @@ class NodeCore:
         else:
             out.append(Event("update", f"update {sub.uid} dropped: {len(self._pending)} queued"))
         return out
+
+    def _defer_eviction(self, sub: Submit, out: list[Action]) -> bool:
+        """Locker: an eviction waits (queued, bounded) while another eviction
+        is in the log beyond my view's voters, or while the log my view
+        started with is not committed in it; it is refused if it would evict
+        the last voter. True if ``sub`` was not appended."""
+        node = self.spec.removal(sub.payload)
+        voters = self.log_voters()
+        if node is None or node not in voters:
+            return False  # not an eviction, or of a node already out: appended as is
+        why = ""
+        if len(voters) <= 1:
+            out.append(Event("update", f"update {sub.uid} refused: it would evict the last voter"))
+            return True
+        if voters != self.view_voters:
+            gone = sorted(self.view_voters - voters)
+            why = f"the eviction of node(s) {gone} must take effect first"
+        elif self.disk.commit < self._view_start_length:
+            why = "the view's log is not committed yet"
+        if not why:
+            self._deferred_said.discard(sub.uid)
+            return False
+        if sub.uid not in self._deferred_said:
+            if len(self._deferred_said) >= self.spec.max_pending_submits:
+                self._deferred_said.clear()  # bounded: at worst a wait is reported again
+            self._deferred_said.add(sub.uid)
+            out.append(Event("update", f"eviction of node {node} waits: {why}"))
+        if len(self._pending) < self.spec.max_pending_submits:
+            self._pending.append(sub)
+        else:
+            out.append(Event("update", f"update {sub.uid} dropped: {len(self._pending)} queued"))
+        return True
+
+    def _stop_evicted(self, now: float, out: list[Action]) -> None:
+        """My eviction is committed: stop, as a planned leave does (the
+        shell announces the exit and ends the service)."""
+        self.evicted = True
+        out.extend(self.leave(now))
+        out.append(Event("membership", f"node {self.id} is evicted: it stops"))
 
     def _on_append(self, src: int, msg: Append, out: list[Action]) -> None:
         d = self.disk
@@ -1076,7 +1242,7 @@ class NodeCore:
 
     def _try_commit(self, out: list[Action]) -> None:
         d = self.disk
-        need = commit_needed(self.spec.kind, len(self.spec.nodes))
+        need = commit_needed(self.spec.kind, len(self.view_voters))
         if d.forced:
             need = min(need, len(d.members))  # the operator's partition: every member
             if self.spec.kind is QuorumKind.DISK:
@@ -1119,6 +1285,11 @@ class NodeCore:
     def _tick(self, now: float) -> list[Action]:
         self._now = max(self._now, now)
         out: list[Action] = []
+        if self._leaving:
+            return out  # silent: no pings, no regroups
+        if self.id not in self.committed_voters():
+            self._stop_evicted(now, out)
+            return out
         if self._wake_at_act is not None and now >= self._wake_at_act:
             self._wake_at_act = None
         acting = self.acting(now)
@@ -1139,12 +1310,13 @@ class NodeCore:
             self._next_ping = now + self.spec.timers.heartbeat_interval_s
             view = self.disk.normal_view if self.installed else NO_VIEW
             commit = self.disk.commit if self.is_locker else 0
+            voters = self.committed_voters() | self.view_voters
             for n in self.spec.nodes:
-                if n != self.id:
+                if n != self.id and n in voters:
                     out.append(Send(n, Ping(view, now, commit)))
             if self.is_locker and self.spec.kind is QuorumKind.MAJORITY_WITNESS:
                 record = len(self.disk.members) < commit_needed(
-                    self.spec.kind, len(self.spec.nodes)
+                    self.spec.kind, len(self.view_voters)
                 )
                 out.append(
                     Send(

@@ -94,6 +94,11 @@ class SimSettings:
     timers: ClusterTimers = field(default_factory=ClusterTimers)
     log_compact_entries: int = 10  # log reset after this many committed entries
     checkpoint_p: float = 0.02  # chance, per apply, of an extra (periodic) log reset
+    evict_p: float = 0.04  # chance that an update evicts a node (live, crashed or the locker)
+    min_voters: int = 2  # no eviction is submitted that would leave fewer voters than this
+    # A shell drops what an evicted node sends once it has applied the
+    # eviction (as the daemon does); off, the core alone keeps the rules.
+    shell_refuses_evicted: bool = True
 
 
 def settings_for_seed(seed: int, kind: QuorumKind, **overrides: Any) -> SimSettings:
@@ -106,6 +111,9 @@ def settings_for_seed(seed: int, kind: QuorumKind, **overrides: Any) -> SimSetti
         "duration_s": 150.0,
         "settle_s": 60.0,
         "log_compact_entries": (3, 10, 40)[seed // 4 % 3],
+        # Half the seeds without the shells' refusal of evicted nodes: the
+        # core's voter rules alone must keep the properties.
+        "shell_refuses_evicted": seed // 12 % 2 == 0,
     }
     base.update(overrides)
     return SimSettings(**base)
@@ -123,9 +131,11 @@ class SimResult:
     final_view: View
     snapshots: int = 0  # log resets taken by the nodes' shells
     adopted: int = 0  # times a shell caught up from a snapshot it received
+    evicted: tuple[int, ...] = ()  # nodes whose eviction committed
 
 
 _WITNESS_SITE = "witness"
+_LEAVE = "leave"  # a node's shell announces a planned exit (the daemon's Leave)
 QDISK = -3  # the quorum disk's end in the simulated network
 
 
@@ -148,6 +158,7 @@ class Simulation:
             kind=s.kind,
             timers=s.timers,
             log_compact_entries=s.log_compact_entries,
+            removal=evicts,
         )
         self.now = 0.0
         self._queue: list[tuple[float, int, str, Any]] = []
@@ -174,14 +185,19 @@ class Simulation:
         self.history: dict[int, str] = {}  # index -> uid of every committed update
         self.history_at: dict[str, int] = {}  # uid -> its index (committed once only)
         self.chain: list[str] = [_GENESIS]  # chain[i]: the state after history 1..i
+        self.evicted: list[frozenset[int]] = [frozenset()]  # evicted[i]: after history 1..i
+        self.payloads: dict[str, Any] = {}  # uid -> the update submitted
         self.applied: dict[int, tuple[int, str]] = dict.fromkeys(ids, (0, _GENESIS))
         self.snapshots_taken = 0
         self.snapshots_adopted = 0  # a shell caught up from a snapshot, not entries
         self.view_members: dict[View, frozenset[int]] = {}
+        self.view_voters: dict[View, frozenset[int]] = {}
         self.last_quorum_path: dict[int, float] = dict.fromkeys(ids, 0.0)
         self.faults: list[str] = []
         self.steps = 0
         self.events = 0
+        self.end = s.duration_s
+        self.announced: set[int] = set()  # evicted nodes whose shells announced their exit
         self._uid = 0
         self.settling = False
         for n in ids:
@@ -228,6 +244,12 @@ class Simulation:
                 if self.trace is not None:
                     self.trace.append(f"{self.now:9.3f} [{n}] {a.kind}: {a.message}")
         self._apply(n, core)
+        if core.evicted and n not in self.announced:
+            # Its shell announces the exit, as the daemon does (a Leave).
+            self.announced.add(n)
+            for m in self.spec.nodes:
+                if m != n:
+                    self._send(n, m, _LEAVE)
         self._schedule_tick(n, max(core.next_deadline(), self.now + 0.001))
 
     # --- the shell's state machine ---------------------------------------------------------
@@ -242,6 +264,12 @@ class Simulation:
             raise self._fail(f"update {uid} committed twice: at index {at} and at {index}")
         if index == len(self.chain):
             self.chain.append(_link(self.chain[-1], uid))
+            gone = evicts(self.payloads.get(uid))
+            self.evicted.append(self.evicted[-1] | ({gone} if gone is not None else set()))
+            if gone is not None and self.settling:
+                # A membership change during the quiet period (an eviction
+                # queued before it): the cluster gets time to re-form after it.
+                self.end = max(self.end, self.now + self.s.settle_s)
         elif index > len(self.chain):
             raise self._fail(f"node {n} committed index {index} before index {len(self.chain)}")
 
@@ -422,10 +450,10 @@ class Simulation:
     def _linked(self, a: int, b: int) -> bool:
         return self._alive(b) and (a, b) not in self.cut and (b, a) not in self.cut
 
-    def _quorum_path(self, n: int) -> bool:
-        """Can node ``n`` reach a quorum of votes over working two-way links
-        (through other nodes too; the witness's vote reaches the members
-        through whichever of them talks to it)?"""
+    def _quorum_path(self, n: int, voters: frozenset[int]) -> bool:
+        """Can node ``n`` reach a quorum of ``voters`` (its view's voter set)
+        over working two-way links (through other nodes too; the witness's
+        vote reaches the members through whichever of them talks to it)?"""
         component = {n}
         todo = [n]
         while todo:
@@ -443,7 +471,7 @@ class Simulation:
             and any(self._disk_reach(m) for m in component)
         )
         return decide(
-            self.s.kind, self.spec.nodes, component, witness_vote=witness, disk_owned=disk
+            self.s.kind, voters, component, witness_vote=witness, disk_owned=disk
         ).has_quorum
 
     def check(self) -> None:
@@ -453,13 +481,13 @@ class Simulation:
         for n, core in self.cores.items():
             if core is None:
                 continue
-            if self._quorum_path(n):
+            if self._quorum_path(n, core.view_voters):
                 self.last_quorum_path[n] = now
             if core.acting(now):
                 acting_views.setdefault(core.view, []).append(n)
                 cut_for = now - self.last_quorum_path[n]
                 bound = self.spec.stop_bound_s + self.s.slow_delay_s
-                if cut_for > bound:
+                if cut_for > bound and not core.disk.forced:  # forcing overrides quorum
                     raise self._fail(
                         f"node {n} still acts {cut_for:.2f}s after losing every path to a "
                         f"quorum (bound {bound:.2f}s)"
@@ -470,6 +498,13 @@ class Simulation:
                     raise self._fail(
                         f"node {n} has view {core.view} with members {sorted(core.members)}, "
                         f"another node with {sorted(known)}"
+                    )
+                voters = self.view_voters.setdefault(core.view, core.view_voters)
+                if voters != core.view_voters or not core.members <= voters:
+                    raise self._fail(
+                        f"node {n} has view {core.view} with voters {sorted(core.view_voters)} "
+                        f"and members {sorted(core.members)}; another node has voters "
+                        f"{sorted(voters)}"
                     )
                 if core.is_locker:
                     lockers.append(core)
@@ -509,7 +544,17 @@ class Simulation:
         self._uid += 1
         core = self.cores[n]
         assert core is not None
-        self._run_actions(n, core.submit(f"u{self._uid}", {"set": self._uid}, self.now))
+        uid = f"u{self._uid}"
+        payload: dict[str, int] = {"set": self._uid}
+        voters = [v for v in self.spec.nodes if v not in self.evicted[-1]]
+        evicting = not self.settling and len(voters) > self.s.min_voters
+        if evicting and self.rng.random() < self.s.evict_p:
+            # An operator evicts a node: maybe a dead one, maybe the locker,
+            # maybe one that is running and cut off (it will not know).
+            payload = {"evict": self.rng.choice(voters)}
+            self.faults.append(f"{self.now:.1f}s submit evict node {payload['evict']}")
+        self.payloads[uid] = payload
+        self._run_actions(n, core.submit(uid, payload, self.now))
 
     def _step(self, kind: str, data: Any) -> None:
         if kind == "tick":
@@ -529,6 +574,11 @@ class Simulation:
             core = self.cores.get(dst)
             if core is None:
                 return
+            if msg is _LEAVE:
+                self._run_actions(dst, core.node_left(src, self.now))
+                return
+            if self.s.shell_refuses_evicted and src in self.evicted[self.applied[dst][0]]:
+                return  # its shell refuses an evicted node, as the daemon does
             self._run_actions(dst, core.on_message(src, msg, self.now))
         elif kind == "disk-land":
             self._disk_land(data)
@@ -549,11 +599,10 @@ class Simulation:
     def run(self, on_step: Callable[[Simulation], None] | None = None) -> SimResult:
         self._push(self.rng.expovariate(1 / self.s.fault_every_s), "fault", None)
         self._push(self.rng.uniform(0, self.s.submit_every_s), "submit", None)
-        end = self.s.duration_s
-        settle_at = end - self.s.settle_s
+        settle_at = self.end - self.s.settle_s
         while self._queue:
             at, _, kind, data = heapq.heappop(self._queue)
-            if at > end:
+            if at > self.end:
                 break
             if not self.settling and at >= settle_at:
                 self._settle()
@@ -563,7 +612,7 @@ class Simulation:
             self.check()
             if on_step is not None:
                 on_step(self)
-        self.now = end
+        self.now = self.end
         self.check()
         self._check_settled()
         return SimResult(
@@ -574,10 +623,16 @@ class Simulation:
             regroups=sum(c.regroups_started for c in self.cores.values() if c is not None),
             faults=self.faults,
             events=self.events,
-            final_view=next(c.view for c in self.cores.values() if c is not None),
+            final_view=next(c.view for c in self._voters_running()),
             snapshots=self.snapshots_taken,
             adopted=self.snapshots_adopted,
+            evicted=tuple(sorted(self.evicted[-1])),
         )
+
+    def _voters_running(self) -> list[NodeCore]:
+        """The running nodes the one history has not evicted."""
+        gone = self.evicted[-1]
+        return [c for c in self.cores.values() if c is not None and c.id not in gone]
 
     def _settle(self) -> None:
         self.settling = True
@@ -591,7 +646,10 @@ class Simulation:
             self.witness, self.witness_saved = self.witness_saved, None
 
     def _check_settled(self) -> None:
-        cores = [c for c in self.cores.values() if c is not None]
+        for c in self.cores.values():
+            if c is not None:
+                self.applied_uids(c.id)  # every node's state is a prefix of the history
+        cores = self._voters_running()
         views = {c.view for c in cores}
         not_acting = [c.id for c in cores if not c.acting(self.now)]
         if len(views) != 1 or not_acting or NO_VIEW in views:
@@ -604,6 +662,14 @@ class Simulation:
             raise self._fail(f"after healing the nodes' applied states differ: {sorted(states)}")
         if states != {(len(self.chain) - 1, self.chain[-1])}:
             raise self._fail("after healing the applied state is not the one history")
+
+
+def evicts(payload: Any) -> int | None:
+    """The simulated updates' eviction: ``{"evict": node}``."""
+    if isinstance(payload, dict) and "evict" in payload:
+        node = payload["evict"]
+        return node if isinstance(node, int) else None
+    return None
 
 
 def committed_entries(sim: Simulation) -> list[Entry]:

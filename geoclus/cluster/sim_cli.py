@@ -66,6 +66,7 @@ def sim(
                         "faults": len(r.faults),
                         "log_resets": r.snapshots,
                         "snapshots_adopted": r.adopted,
+                        "evicted": list(r.evicted),
                     }
                 )
             )
@@ -74,6 +75,7 @@ def sim(
                 f"seed {s}: ok, {settings.nodes} nodes, {r.steps} steps, {len(r.faults)} faults, "
                 f"{r.regroups} regroups, {r.views_formed} views, {r.committed} updates committed, "
                 f"{r.snapshots} log resets, {r.adopted} caught up from a snapshot"
+                + (f", evicted {list(r.evicted)}" if r.evicted else "")
             )
             if seed is not None and run.trace is not None:
                 click.echo("\n".join(run.trace))
