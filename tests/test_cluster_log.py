@@ -192,3 +192,18 @@ def test_a_message_with_a_bad_snapshot_never_reaches_the_core(base: Snapshot, pr
     good = NewView((2, 0), frozenset({0, 1}), (), 3, 0.0, False, Snapshot(3, _state(3)))
     assert check_snapshot(good, "lab") == ""
     assert check_snapshot(Append((2, 0), 3, (), 3), "lab") == ""
+
+
+def test_a_snapshot_whose_voters_disagree_with_its_database_is_refused() -> None:
+    """The core counts votes over the snapshot's ``removed``; the shell
+    checks it names exactly the nodes the snapshot's database evicted."""
+    from geoclus.cluster.daemon import check_snapshot
+
+    ids = {"a1": 0, "a2": 1, "b1": 2}
+    evicted = {**_state(3), "evicted": ["a2"]}
+    good = Snapshot(3, evicted, (), frozenset({1}))
+    assert check_snapshot(Append((2, 0), 3, (), 3, good), "lab", ids) == ""
+    for removed in (frozenset(), frozenset({1, 2}), frozenset({2})):
+        bad = Snapshot(3, evicted, (), removed)
+        problem = check_snapshot(Append((2, 0), 3, (), 3, bad), "lab", ids)
+        assert "removes node(s)" in problem and "evicted ['a2']" in problem

@@ -124,7 +124,8 @@ def test_disk_state_round_trips_and_damage_is_refused(tmp_path) -> None:
         log=[Entry((4, 0), 8, "u8", {"op": "set", "key": "k", "value": [1, {"a": None}]})],
         commit=8,
         forced=True,
-        base=Snapshot(7, {"cluster": "c", "version": 7}, ("u6", "u7")),
+        base=Snapshot(7, {"cluster": "c", "version": 7}, ("u6", "u7"), frozenset({3})),
+        voters=frozenset({0, 1, 2}),
     )
     sd.save_disk(disk)
     assert sd.load_disk() == disk
@@ -149,9 +150,11 @@ def test_a_state_file_from_before_log_compaction_loads_with_an_empty_snapshot(tm
     doc = json.loads(pathlib.Path(path).read_bytes())
     body = json.loads(doc["body"])
     del body["base"]
+    del body["voters"]
     sd.save_json("cluster-state.json", body)
     loaded = sd.load_disk()
     assert loaded is not None and loaded.base.index == 0 and loaded.length == 1
+    assert loaded.voters is None and loaded.base.removed == frozenset()
 
 
 def test_epochs_rise_across_starts_and_a_damaged_epoch_file_is_refused(tmp_path) -> None:

@@ -296,7 +296,7 @@ class NodeDaemon:
             result = lambda now: core.on_disk_written(op.tag, ok, started, now)  # noqa: E731
         elif isinstance(op, ReadLog):
             image = await disk.read_log()
-            problem = check_snapshot(image, self.cfg.name) if image is not None else ""
+            problem = check_snapshot(image, self.cfg.name, self.ids) if image is not None else ""
             if problem:
                 self._event("arbitration", f"the quorum disk's log is refused: {problem}")
                 image = None  # a failed read: the view change fails, nothing is adopted
@@ -729,7 +729,7 @@ class NodeDaemon:
         elif isinstance(msg, Ping | Pong | VoteReply | VoteRequest):
             self.dropped["unexpected message on a link"] += 1
         else:
-            problem = check_snapshot(msg, self.cfg.name)
+            problem = check_snapshot(msg, self.cfg.name, self.ids)
             if problem:
                 self.dropped["bad snapshot"] += 1
                 self._event("config", f"message from {name} dropped: {problem}")
@@ -1118,10 +1118,11 @@ def _stats_tuple(w: RttWindow) -> tuple[int, float, float, float]:
     return s.samples, round(s.p50_us, 1), round(s.p99_us, 1), round(s.max_us, 1)
 
 
-def check_snapshot(msg: Any, cluster: str) -> str:
+def check_snapshot(msg: Any, cluster: str, ids: dict[str, int] | None = None) -> str:
     """Why the log snapshot in ``msg`` (Promise, NewView, Append, a quorum
     disk's LogImage) must not reach the core (its state is not a configuration database of this
-    cluster at the snapshot's index), or "" if it may."""
+    cluster at the snapshot's index, or, given the node ``ids``, the nodes it
+    says were evicted are not those its database evicted), or "" if it may."""
     base = getattr(msg, "base", None)
     if not isinstance(base, Snapshot) or base.index == 0:
         return ""
@@ -1131,4 +1132,13 @@ def check_snapshot(msg: Any, cluster: str) -> str:
         return f"its log snapshot is not valid: {exc}"
     if db.version != base.index:
         return f"its log snapshot is at index {base.index} but holds version {db.version}"
+    if ids is not None:
+        evicted = {ids[n] for n in db.evicted if n in ids}
+        if base.removed != evicted:
+            names = {i: n for n, i in ids.items()}
+            said = sorted(names.get(i, str(i)) for i in base.removed)
+            return (
+                f"its log snapshot removes node(s) {said} from the voters, but its database "
+                f"evicted {sorted(db.evicted)}"
+            )
     return ""

@@ -101,6 +101,7 @@ def disk_to_json(disk: Disk) -> dict[str, Any]:
         "commit": disk.commit,
         "forced": disk.forced,
         "base": to_json(disk.base),
+        "voters": None if disk.voters is None else sorted(disk.voters),
     }
 
 
@@ -114,6 +115,7 @@ def disk_from_json(doc: dict[str, Any], where: str) -> Disk:
             commit=from_json(int, doc["commit"], f"{where}.commit"),
             forced=from_json(bool, doc["forced"], f"{where}.forced"),
             base=from_json(Snapshot, doc.get("base", to_json(NO_SNAPSHOT)), f"{where}.base"),
+            voters=from_json(frozenset[int] | None, doc.get("voters"), f"{where}.voters"),
         )
     except KeyError as exc:
         raise StateError(f"{where}: missing {exc.args[0]!r}") from None
