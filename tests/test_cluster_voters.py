@@ -254,8 +254,41 @@ def test_one_eviction_at_a_time_keeps_the_quorums_intersecting() -> None:
 
 
 def test_the_checker_catches_two_evictions_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Break the rule on purpose: the locker appends every eviction at once."""
+    """Break the rules on purpose: the locker appends every eviction at once,
+    and counts commits over its view's voters only (with the voters left
+    counted too, this cut cannot commit u1 and the scenario stays safe: the
+    two rules back each other up)."""
     monkeypatch.setattr(NodeCore, "_defer_eviction", lambda self, sub, out: False)
+    monkeypatch.setattr(NodeCore, "_voters_after", lambda self: self.view_voters)
     sim = _sim(5, **_FIXED_DELAY)
     with pytest.raises(SafetyViolation, match="lost committed update u1"):
         _two_evictions_then_a_cut(sim)
+
+
+def test_two_evictions_at_once_still_commit_only_with_the_voters_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only the one-at-a-time rule broken: commits still need a quorum of
+    the voters left, so u1 (which a and b never got) does not commit, and
+    the checker finds nothing wrong."""
+    monkeypatch.setattr(NodeCore, "_defer_eviction", lambda self, sub, out: False)
+    sim = _sim(5, **_FIXED_DELAY)
+    _two_evictions_then_a_cut(sim)
+    assert "u1" not in sim.history_at
+
+
+def test_the_checker_catches_commits_stranded_on_an_evicted_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Break the rule on purpose: commits count the view's voters only. In
+    majority+witness seed 40071 an eviction of the locker commits with its
+    own vote and the witness's; it stops, the update lives nowhere else,
+    the witness (which recorded it) refuses every view without it, and the
+    cluster never re-forms."""
+    from geoclus.cluster.sim import settings_for_seed
+
+    monkeypatch.setattr(NodeCore, "_voters_after", lambda self: self.view_voters)
+    kind = QuorumKind.MAJORITY_WITNESS
+    settings = settings_for_seed(40071, kind, duration_s=240.0, settle_s=60.0)
+    with pytest.raises(SafetyViolation, match="after 60s healed"):
+        Simulation(40071, settings).run()

@@ -1240,11 +1240,24 @@ class NodeCore:
             out.append(Send(src, msg))
         self._try_commit(out)
 
+    def _voters_after(self) -> frozenset[int]:
+        """The voter set my log leads to (my view's, or less a pending
+        eviction): commits need a quorum of it too."""
+        return self.log_voters()
+
     def _try_commit(self, out: list[Action]) -> None:
         d = self.disk
         need = commit_needed(self.spec.kind, len(self.view_voters))
+        # An eviction in the log beyond my view's voters: commits also need a
+        # quorum of the voters left, so the next view's voters hold them
+        # even when the evicted node, which may have voted, stops.
+        after = self._voters_after()
+        need_after = 0
+        if after != self.view_voters:
+            need_after = commit_needed(self.spec.kind, len(after))
         if d.forced:
             need = min(need, len(d.members))  # the operator's partition: every member
+            need_after = 0  # every member acknowledges: the voters left among them too
             if self.spec.kind is QuorumKind.DISK:
                 need = len(d.members)  # no disk to hold the log: every member must
         index = d.length
@@ -1255,13 +1268,12 @@ class NodeCore:
                     break
                 index -= 1
                 continue
-            votes = sum(1 for m in d.members if self._acked.get(m, 0) >= index)
-            if self.spec.kind is QuorumKind.MAJORITY_WITNESS and self._witness_recorded >= (
-                self.view,
-                index,
-            ):
-                votes += 1
-            if votes >= need:
+            durable = {m for m in d.members if self._acked.get(m, 0) >= index}
+            witness = int(
+                self.spec.kind is QuorumKind.MAJORITY_WITNESS
+                and self._witness_recorded >= (self.view, index)
+            )
+            if len(durable) + witness >= need and len(durable & after) + witness >= need_after:
                 break
             index -= 1
         if index > d.commit:
@@ -1315,9 +1327,10 @@ class NodeCore:
                 if n != self.id and n in voters:
                     out.append(Send(n, Ping(view, now, commit)))
             if self.is_locker and self.spec.kind is QuorumKind.MAJORITY_WITNESS:
+                after = self._voters_after()
                 record = len(self.disk.members) < commit_needed(
                     self.spec.kind, len(self.view_voters)
-                )
+                ) or len(self.disk.members & after) < commit_needed(self.spec.kind, len(after))
                 out.append(
                     Send(
                         WITNESS,
