@@ -47,8 +47,9 @@ protocol; in short:
   chosen log (snapshot and entries, committed or not) does not evict. An
   eviction is an ordinary update that the locker appends one at a time: only
   while no other eviction is in its log beyond its view's voter set, and only
-  once the log it started the view with is committed in its view. It commits
-  under the view's voters (the old, larger set), and then the locker regroups
+  once the log it started the view with is committed in its view. While it
+  is pending, commits need a quorum of the view's voters (the old, larger
+  set) and of the voters left, and once it commits the locker regroups
   so that the next view counts the new set: the promisers must make a quorum
   of the voter set the chosen log defines, and the members are the promisers
   in it. These are the single-server-change rules of Raft (one change at a
