@@ -16,6 +16,7 @@ the checker catches it within a few seeds.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -67,10 +68,12 @@ def test_settings_vary_with_the_seed() -> None:
     assert sizes == {2, 3, 4, 5}
 
 
-def _first_violation(kind: QuorumKind, max_seeds: int) -> tuple[int, str] | None:
+def _first_violation(
+    kind: QuorumKind, max_seeds: int, **overrides: Any
+) -> tuple[int, str] | None:
     for seed in range(max_seeds):
         try:
-            Simulation(seed, settings_for_seed(seed, kind)).run()
+            Simulation(seed, settings_for_seed(seed, kind, **overrides)).run()
         except SafetyViolation as exc:
             return seed, str(exc)
     return None
@@ -186,6 +189,9 @@ def test_checker_catches_members_that_outlive_the_disk_owner(
 
 
 # --- log compaction (snapshot on log reset) ------------------------------------------
+# These break tests run without evictions (NO_EVICTIONS): they target the
+# snapshot rules, and their seeds were found before evictions were simulated.
+NO_EVICTIONS = {"evict_p": 0.0}
 
 
 def test_checker_catches_a_log_choice_that_ignores_the_snapshot(
@@ -200,7 +206,7 @@ def test_checker_catches_a_log_choice_that_ignores_the_snapshot(
         "_best",
         lambda self, vc: max(vc.promises.values(), key=lambda p: (p.normal_view, len(p.log))),
     )
-    found = _first_violation(QuorumKind.MAJORITY_WITNESS, 60)
+    found = _first_violation(QuorumKind.MAJORITY_WITNESS, 60, **NO_EVICTIONS)
     assert found is not None, "a log choice blind to snapshots was not caught in 60 seeds"
     assert "committed" in found[1]
 
@@ -216,11 +222,11 @@ def test_checker_catches_a_snapshot_that_forgets_its_update_ids(
     def forgetful(self, index, state):  # type: ignore[no-untyped-def]
         out = compact(self, index, state)
         base = self.disk.base
-        self.disk.base = node_mod.Snapshot(base.index, base.state, ())
+        self.disk.base = node_mod.Snapshot(base.index, base.state, (), base.removed)
         return out
 
     broken.setattr(node_mod.NodeCore, "compact", forgetful)
-    found = _first_violation(QuorumKind.MAJORITY, 60)
+    found = _first_violation(QuorumKind.MAJORITY, 60, **NO_EVICTIONS)
     assert found is not None, "forgotten update ids were not caught in 60 seeds"
     assert "committed twice" in found[1]
 
@@ -239,7 +245,7 @@ def test_checker_catches_a_locker_that_never_sends_its_snapshot(
         return acked(self, src, view, length, now, out)
 
     broken.setattr(node_mod.NodeCore, "_on_acked", tail_only)
-    found = _first_violation(QuorumKind.MAJORITY, 60)
+    found = _first_violation(QuorumKind.MAJORITY, 60, **NO_EVICTIONS)
     assert found is not None, "a locker that never sends its snapshot was not caught in 60 seeds"
     assert "applied states differ" in found[1]
 
@@ -249,9 +255,23 @@ def test_every_kind_resets_the_log_and_members_catch_up_from_snapshots() -> None
     (joiners, restarted or lagging members) catch up from a snapshot."""
     for kind in KINDS:
         resets = adopted = 0
-        for seed in range(8):
+        for seed in range(12):
             r = Simulation(seed, settings_for_seed(seed, kind)).run()
             resets += r.snapshots
             adopted += r.adopted
         assert resets > 100, (kind, resets)
         assert adopted > 5, (kind, adopted)
+
+
+def test_every_kind_evicts_nodes_live_dead_and_lockers() -> None:
+    """The runs above really exercise voter changes: evictions commit in
+    every kind, and some evicted nodes learn it and stop."""
+    for kind in KINDS:
+        evicted = stopped = 0
+        for seed in range(12):
+            sim = Simulation(seed, settings_for_seed(seed, kind))
+            r = sim.run()
+            evicted += len(r.evicted)
+            stopped += sum(1 for c in sim.cores.values() if c is not None and c.evicted)
+        assert evicted > 5, (kind, evicted)
+        assert stopped > 2, (kind, stopped)

@@ -547,7 +547,7 @@ class Simulation:
         uid = f"u{self._uid}"
         payload: dict[str, int] = {"set": self._uid}
         voters = [v for v in self.spec.nodes if v not in self.evicted[-1]]
-        evicting = not self.settling and len(voters) > self.s.min_voters
+        evicting = not self.settling and len(voters) > self.s.min_voters and self.s.evict_p > 0
         if evicting and self.rng.random() < self.s.evict_p:
             # An operator evicts a node: maybe a dead one, maybe the locker,
             # maybe one that is running and cut off (it will not know).
