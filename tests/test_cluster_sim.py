@@ -68,9 +68,7 @@ def test_settings_vary_with_the_seed() -> None:
     assert sizes == {2, 3, 4, 5}
 
 
-def _first_violation(
-    kind: QuorumKind, max_seeds: int, **overrides: Any
-) -> tuple[int, str] | None:
+def _first_violation(kind: QuorumKind, max_seeds: int, **overrides: Any) -> tuple[int, str] | None:
     for seed in range(max_seeds):
         try:
             Simulation(seed, settings_for_seed(seed, kind, **overrides)).run()
