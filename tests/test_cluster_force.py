@@ -3,8 +3,6 @@ and network (no faults but the ones each test makes)."""
 
 from __future__ import annotations
 
-import heapq
-
 import pytest
 
 from geoclus.cluster.node import ForceRefused
@@ -20,11 +18,7 @@ def _sim(kind: QuorumKind = QuorumKind.MAJORITY) -> Simulation:
 
 
 def _run_until(sim: Simulation, t: float) -> None:
-    while sim._queue and sim._queue[0][0] <= t:
-        at, _, kind, data = heapq.heappop(sim._queue)
-        sim.now = at
-        sim._step(kind, data)
-    sim.now = t
+    sim.run_until(t, check=False)
 
 
 def _cut(sim: Simulation, left: list[int], right: list[int]) -> None:

@@ -5,8 +5,6 @@ but the ones each test makes; the simulator's checker runs after every step
 
 from __future__ import annotations
 
-import heapq
-
 import pytest
 
 from geoclus.cluster.messages import NO_SNAPSHOT, Append, Entry, NewView, Snapshot
@@ -29,12 +27,7 @@ def _sim(compact: int = 3) -> Simulation:
 
 
 def _run_until(sim: Simulation, t: float) -> None:
-    while sim._queue and sim._queue[0][0] <= t:
-        at, _, kind, data = heapq.heappop(sim._queue)
-        sim.now = at
-        sim._step(kind, data)
-        sim.check()
-    sim.now = t
+    sim.run_until(t)
 
 
 def _locker(sim: Simulation) -> NodeCore:

@@ -6,7 +6,6 @@ one history, members of a view within its voters)."""
 
 from __future__ import annotations
 
-import heapq
 import itertools
 from typing import Any
 
@@ -33,12 +32,7 @@ def _sim(nodes: int, kind: QuorumKind = QuorumKind.MAJORITY, **fixed: Any) -> Si
 
 
 def _run_until(sim: Simulation, t: float) -> None:
-    while sim._queue and sim._queue[0][0] <= t:
-        at, _, kind, data = heapq.heappop(sim._queue)
-        sim.now = at
-        sim._step(kind, data)
-        sim.check()
-    sim.now = t
+    sim.run_until(t)
 
 
 def _core(sim: Simulation, n: int) -> NodeCore:

@@ -596,6 +596,18 @@ class Simulation:
                 self._submit()
             self._push(self.now + self.rng.expovariate(1 / self.s.submit_every_s), "submit", None)
 
+    def run_until(self, t: float, *, check: bool = True) -> None:
+        """Step the simulation (no scheduled faults or submits unless the
+        caller queued them) up to time ``t``, checking after every step
+        unless ``check`` is False (the scripted tests drive faults by hand)."""
+        while self._queue and self._queue[0][0] <= t:
+            at, _, kind, data = heapq.heappop(self._queue)
+            self.now = at
+            self._step(kind, data)
+            if check:
+                self.check()
+        self.now = t
+
     def run(self, on_step: Callable[[Simulation], None] | None = None) -> SimResult:
         self._push(self.rng.expovariate(1 / self.s.fault_every_s), "fault", None)
         self._push(self.rng.uniform(0, self.s.submit_every_s), "submit", None)
