@@ -105,6 +105,21 @@ def _fmt_status(s: dict[str, Any]) -> str:
         err = f" (last error: {s['last_error']})" if s.get("last_error") else ""
         lines.append(f"  connection:     disconnected{err}")
     lines.append(f"  consistency:    {s['consistency']}")
+    wit = s.get("witness")
+    if wit:
+        link = "connected" if wit["connected"] else f"unreachable ({wit['last_error'] or '-'})"
+        alone = (
+            f"may run alone for {wit['lease_left_s']:.1f} s more"
+            if wit["alone_allowed"]
+            else "does not run alone"
+        )
+        holder = f"; ticket held by {wit['holder']}" if wit["holder"] else ""
+        lines.append(f"  witness:        {wit['address']} {link}; {alone}{holder}")
+        if wit["outdated"]:
+            lines.append(
+                f"  OUTDATED per the witness: {wit['holder']} may have written alone; demote "
+                "this copy (`geoclus volume demote`) to resynchronise from it"
+            )
     if s["role"] == "primary":
         if s.get("suspended"):
             lines.append(
@@ -115,8 +130,10 @@ def _fmt_status(s: dict[str, Any]) -> str:
             lines.append(
                 "  peer:           OUTDATED (changes tracked in the dirty bitmap; needs a resync)"
             )
+        w = s.get("witness")
         if s.get("degraded_allowed"):
-            lines.append("  degraded:       allowed by the operator (writes complete locally)")
+            who = "the witness" if w and w.get("by_witness") else "the operator"
+            lines.append(f"  degraded:       allowed by {who} (writes complete locally)")
         lines.append(f"  in flight:      {s['in_flight_writes']} writes")
         lines.append(
             f"  lag:            {format_size(s['lag_bytes'])}, {s['lag_writes']} writes, "

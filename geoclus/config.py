@@ -137,6 +137,20 @@ class VolumeConfig:
 
 
 @dataclass(frozen=True)
+class WitnessLink:
+    """``[witness]``: the third-site witness that decides which mirror may run
+    alone (quorum/mirror.py). Mutual TLS with the cluster CA; this daemon's
+    certificate name must be its ``[node] name``."""
+
+    address: Endpoint
+    cluster: str
+    ca: str
+    cert: str
+    key: str
+    renew_s: float
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     """Everything ``geoclus volume serve`` needs: one or more volumes (names,
     ids, stores, listen ports and export names all distinct), the replication
@@ -147,6 +161,7 @@ class DaemonConfig:
     tls: TlsConfig | None
     export: ExportConfig
     control_socket: str
+    witness: WitnessLink | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -213,6 +228,7 @@ _ALLOWED = {
     },
     "export": {"nbd", "name", "tls"},
     "control": {"socket"},
+    "witness": {"address", "cluster", "ca", "cert", "key", "renew_s"},
 }
 
 
@@ -695,4 +711,38 @@ def parse_config(data: dict[str, Any], path: str = "<memory>") -> DaemonConfig:
     control = r.path_of(ctl, "control", "socket")
     if len(control.encode()) > 107:
         raise r.fail("control.socket", f"socket path {control} is longer than 107 bytes")
-    return DaemonConfig(path, tuple(vols), tls, export, control)
+    witness = _witness_link(r, vols)
+    return DaemonConfig(path, tuple(vols), tls, export, control, witness)
+
+
+def _witness_link(r: _Reader, vols: list[VolumeConfig]) -> WitnessLink | None:
+    """``[witness]``, only for sync volumes that suspend on peer loss (the
+    witness decides when such a volume may run without its peer)."""
+    wt = r.table("witness", required=False)
+    if not wt:
+        return None
+    for v in vols:
+        p = v.spec.policy
+        if p.mode is not Mode.SYNC or p.on_peer_loss != "suspend":
+            raise r.fail(
+                "witness",
+                f'volume {v.name} is not mode = "sync" with on_peer_loss = "suspend": '
+                "the witness decides only for volumes whose writes wait for both mirrors",
+            )
+    files = {}
+    for key in ("ca", "cert", "key"):
+        full = r.path_of(wt, "witness", key)
+        if not os.path.isfile(full):
+            raise r.fail(f"witness.{key}", f"{full} does not exist (`geoclus ca issue NAME`)")
+        files[key] = full
+    renew_s = r.get(wt, "witness", "renew_s", (int, float), 1.0)
+    if not 0.05 <= renew_s <= 60:
+        raise r.fail("witness.renew_s", f"{renew_s} must be between 0.05 and 60 seconds")
+    return WitnessLink(
+        address=r.endpoint(r.get(wt, "witness", "address", str), "witness.address"),
+        cluster=r.get(wt, "witness", "cluster", str),
+        ca=files["ca"],
+        cert=files["cert"],
+        key=files["key"],
+        renew_s=float(renew_s),
+    )

@@ -31,6 +31,7 @@ from geoclus.control import serve_control
 from geoclus.errors import ControlError, GeoclusError, HandshakeRefused
 from geoclus.nbd.server import NbdServer
 from geoclus.tlsstream import TlsSocketStream, wrap_client, wrap_server
+from geoclus.witnesslink import MirrorWitness
 from replicator.volume import TEST_FAULTS, ReplicatedVolume
 
 log = logging.getLogger("geoclus.daemon")
@@ -121,6 +122,7 @@ class Daemon:
         self._server_ctx, self._client_ctx = _tls_contexts(cfg)
         self._export_ctx = _export_tls_context(cfg)
         self.nbd: NbdServer | None = None
+        self.witness: MirrorWitness | None = None
 
     @property
     def volume(self) -> ReplicatedVolume | None:
@@ -204,6 +206,17 @@ class Daemon:
             )
         return vol
 
+    def _witness_status(self, name: str) -> dict[str, Any] | None:
+        if self.witness is None:
+            return None
+        st = self.witness.status()
+        return {
+            "address": st["address"],
+            "connected": st["connected"],
+            "last_error": st["last_error"],
+            **st["volumes"][name],
+        }
+
     async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req["cmd"]
         if cmd == "shutdown":
@@ -215,6 +228,7 @@ class Daemon:
             for name, v in self.volumes.items():
                 status = v.status()
                 status["export"] = self._export_names[name]
+                status["witness"] = self._witness_status(name)
                 if nbd is not None:
                     status["nbd"] = nbd
                 every.append(status)
@@ -226,6 +240,7 @@ class Daemon:
         if cmd == "status":
             status = vol.status()
             status["export"] = self._export_names[vol.spec.name]
+            status["witness"] = self._witness_status(vol.spec.name)
             if self.nbd is not None:
                 status["nbd"] = dataclasses.asdict(self.nbd.statistics())
             return {"status": status}
@@ -327,6 +342,15 @@ class Daemon:
                         "reach it can read and write the volumes; set export.tls to "
                         "require TLS with cluster certificates",
                         cfg.export.tcp,
+                        ", ".join(cfg.names),
+                    )
+                if cfg.witness is not None:
+                    node = cfg.volumes[0].spec.node
+                    self.witness = MirrorWitness(cfg.witness, node, self.volumes)
+                    nursery.start_soon(self.witness.run)
+                    log.info(
+                        "the witness at %s decides when %s may run without the peer",
+                        cfg.witness.address,
                         ", ".join(cfg.names),
                     )
                 nbd_addr = await nursery.start(self.nbd.serve)

@@ -883,6 +883,11 @@ class PrimaryCore:
         self.degraded_allowed = True
         return self._collect()
 
+    def revoke_degraded(self) -> None:
+        """End :meth:`allow_degraded`: from now on sync writes wait for the
+        peers again (writes already completed stay completed)."""
+        self.degraded_allowed = False
+
     # -------------------------------------------------------------------- peer
 
     def peer_connected(

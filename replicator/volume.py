@@ -1907,8 +1907,10 @@ class ReplicatedVolume:
         )
         return self.gens
 
-    def allow_degraded(self) -> int:
-        """Operator override (sync, suspend): complete writes without the peer.
+    def allow_degraded(self, by: str = "operator") -> int:
+        """Override (sync, suspend): complete writes without the peer, until
+        the peer is back in sync or :meth:`revoke_degraded`. ``by`` names who
+        decided (the operator, or the witness's grant).
 
         Returns how many blocked writes were released.
         """
@@ -1917,16 +1919,26 @@ class ReplicatedVolume:
         released = self.primary.allow_degraded()
         self.events.add(
             "degraded",
-            f"operator allowed degraded running ({len(released)} blocked writes released)",
+            f"{by} allowed degraded running ({len(released)} blocked writes released)",
         )
         self._complete(released)
         self._notify()
         log.warning(
-            "volume %s: operator allowed degraded running (%d writes released)",
+            "volume %s: %s allowed degraded running (%d writes released)",
             self.spec.name,
+            by,
             len(released),
         )
         return len(released)
+
+    def revoke_degraded(self, why: str) -> None:
+        """End degraded running: writes wait for the peer again (fail closed)."""
+        if self.primary is None or not self.primary.degraded_allowed:
+            return
+        self.primary.revoke_degraded()
+        self.events.add("degraded", f"degraded running ended: {why}")
+        self._notify()
+        log.warning("volume %s: degraded running ended: %s", self.spec.name, why)
 
     def start_verify(self, *, resync: bool = False) -> dict[str, Any]:
         """Begin an online verify of the peer (primary only): every region's

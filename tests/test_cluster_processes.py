@@ -23,6 +23,7 @@ import shutil
 import pytest
 
 from geoclus.cluster.config import load_cluster_config
+from geoclus.errors import ControlError
 from geoclus.testing.clusterlab import ClusterLab, partition_and_heal
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for ip netns and nft")
@@ -417,3 +418,89 @@ def test_log_resets_and_a_late_joiner_catches_up_from_the_snapshot(lab_factory):
         10,
     )
     assert config("a2")["values"]["app.after"] == 11
+
+
+def _witness_ticket(lab: ClusterLab) -> dict:
+    return lab.ask("witness", "status")["status"]["mirrors"].get("quorum", {})
+
+
+def test_disk_quorum_the_witness_decides_the_degraded_mirror(lab_factory):
+    """The witness decides for the quorum volume's mirrors: on a cut between
+    the sites the primary runs alone at once (site A keeps the disk, no
+    operator); after healing it reports the sync; when site A is then lost
+    for good, the witness hands the volume to site B's mirror, which promotes
+    itself, and site B's nodes take the disk with every committed update."""
+    lab = lab_factory(quorum="disk", mirror_witness=True)
+    everyone = list(lab.nodes)
+    lab.wait_for("the four nodes to form one view", lambda: lab.formed(everyone), 60)
+    assert _set(lab, "b1", "app.before", "1").returncode == 0
+
+    lab.cut("A", "B")
+    lab.wait_for(
+        "site A to keep the disk and site B to stop",
+        lambda: lab.formed(["a1", "a2"]) and not any(lab.acting(["b1", "b2"]).values()),
+        40,
+    )
+    ticket = _witness_ticket(lab)
+    assert ticket["holder"] == "qvol-A" and ticket["alone"], ticket
+    st = lab.mirror_status("A")["status"]
+    assert st["degraded_allowed"] and st["witness"]["by_witness"], st["witness"]
+    assert not lab.mirror_status("B")["status"]["witness"]["alone_allowed"]
+    text = lab.cli("volume", "status", "--config", os.path.join(lab.workdir, "qvol-A.toml"))
+    assert "allowed by the witness" in text.stdout and "may run alone" in text.stdout, text.stdout
+    assert _set(lab, "a2", "app.cut", "2").returncode == 0
+
+    lab.heal()
+    lab.wait_for("the cluster to re-form after healing", lambda: lab.formed(everyone), 60)
+    lab.wait_for(
+        "the primary to report the sync (site B's mirror no longer outdated)",
+        lambda: not _witness_ticket(lab)["alone"],
+        30,
+    )
+    assert not lab.mirror_status("A")["status"]["degraded_allowed"]
+
+    for name in ("a1", "a2", "qvol-A"):
+        lab.kill(name)
+    lab.wait_for(
+        "the witness to give site B's mirror the volume and site B to take the disk",
+        lambda: lab.formed(["b1", "b2"]),
+        60,
+    )
+    st = lab.mirror_status("B")["status"]
+    assert st["role"] == "primary" and st["witness"]["by_witness"], st
+    ticket = _witness_ticket(lab)
+    assert ticket["holder"] == "qvol-B" and ticket["alone"] and ticket["epoch"] == 2, ticket
+    events = " | ".join(e["message"] for e in lab.ask_volume_events("B"))
+    assert "the witness granted this mirror the volume: promoting it" in events, events
+    values = json.loads(lab.cli("cluster", "get", "--json", "--config", lab.config("b2")).stdout)[
+        "values"
+    ]
+    assert values == {"app.before": 1, "app.cut": 2}
+    assert _set(lab, "b2", "app.after", "3").returncode == 0
+
+    # Site A's mirror comes back: the witness calls it outdated, it never runs
+    # alone, and once the operator demotes it, it resynchronises from site B.
+    lab.start_mirror("A")
+
+    def outdated() -> bool:
+        try:
+            return bool(lab.mirror_status("A")["status"]["witness"]["outdated"])
+        except ControlError:
+            return False  # not started yet
+
+    lab.wait_for("the returning mirror to learn that it is outdated", outdated, 30)
+    st = lab.mirror_status("A")["status"]
+    assert not st["witness"]["alone_allowed"] and not st["degraded_allowed"], st["witness"]
+    qvol_a = os.path.join(lab.workdir, "qvol-A.toml")
+    text = lab.cli("volume", "status", "--config", qvol_a).stdout
+    assert "OUTDATED per the witness: qvol-B" in text, text
+    r = lab.cli("volume", "demote", "--config", qvol_a)
+    assert r.returncode == 0, r.stderr
+    lab.wait_for(
+        "site B's mirror to report the sync after the resync",
+        lambda: not _witness_ticket(lab)["alone"],
+        60,
+    )
+    for name in ("a1", "a2"):
+        lab.start_node(name)
+    lab.wait_for("the cluster to re-form", lambda: lab.formed(everyone), 60)

@@ -66,6 +66,14 @@ def _parse_node(text: str) -> tuple[str, str, str]:
     help="disk quorum: the quorum volume's NBD export at one site (repeat for each).",
 )
 @click.option(
+    "--mirror-name",
+    "mirror_names",
+    multiple=True,
+    metavar="NAME",
+    help="disk quorum with --witness: the certificate name of each mirror's volume daemon "
+    "(in --mirror order; default qvol-1, qvol-2, ...).",
+)
+@click.option(
     "--timer",
     "timer_values",
     multiple=True,
@@ -93,6 +101,7 @@ def init_cmd(
     witness: str | None,
     quorum_volume: str,
     mirrors: tuple[str, ...],
+    mirror_names: tuple[str, ...],
     timer_values: tuple[str, ...],
     log_compact_entries: int,
     quorum_disk_tls: bool,
@@ -111,6 +120,13 @@ def init_cmd(
         except ValueError:
             raise click.BadParameter(f"{item!r}: {v!r} is not a number") from None
     timers = Timers(**overrides)  # type: ignore[arg-type]
+    disk_witness = kind is QuorumKind.DISK and witness is not None
+    if mirror_names and not disk_witness:
+        raise click.BadParameter("--mirror-name is for --quorum disk with --witness")
+    if disk_witness and not mirror_names:
+        mirror_names = tuple(f"qvol-{i}" for i in range(1, len(mirrors) + 1))
+    if disk_witness and len(mirror_names) != len(mirrors):
+        raise click.BadParameter("give one --mirror-name per --mirror")
     try:
         ca_dir = os.path.join(directory, "ca")
         init_ca(ca_dir, cluster_name)
@@ -118,6 +134,8 @@ def init_cmd(
             issue_node_cert(ca_dir, name)
         if witness is not None:
             issue_node_cert(ca_dir, "witness")
+        for mname in mirror_names:
+            issue_node_cert(ca_dir, mname)
         cfg = None
         for name, _, _ in parsed:
             path = os.path.join(directory, f"{name}.toml")
@@ -152,6 +170,13 @@ def init_cmd(
                     f"lease_s = {cfg.spec().max_lease_s!r}\n"
                     f"collect_s = {cfg.timers.heartbeat_interval_s!r}\n"
                 )
+                if disk_witness:
+                    listed = ", ".join(f'"{n}"' for n in mirror_names)
+                    f.write(
+                        "# The quorum volume's mirrors: the witness decides which one may\n"
+                        "# run alone (give each mirror's volume TOML a [witness] table).\n"
+                        f"mirrors = [{listed}]\n"
+                    )
             load_witness_config(path)
             click.echo(f"wrote {path}")
     except FileExistsError as exc:

@@ -452,7 +452,9 @@ def starter_config(
             f'site = "{site}"',
             f'addresses = ["{address}"]',
         ]
-    if witness is not None:
+    if witness is not None and quorum is not QuorumKind.DISK:
+        # With disk quorum the witness decides for the quorum volume's
+        # mirrors (their [witness] table), not for the nodes.
         lines += ["", "[witness]", f'address = "{witness}"']
     if quorum is QuorumKind.DISK:
         listed = ", ".join(f'"{m}"' for m in mirrors or [])

@@ -30,6 +30,7 @@ import trio
 
 from geoclus.cluster import messages as m
 from geoclus.errors import GeoclusError
+from quorum.mirror import MirrorClaim, MirrorReply
 from quorum.witness import VoteReply, VoteRequest
 
 DEFAULT_MAX_FRAME_BYTES = 32 * 1024 * 1024
@@ -114,6 +115,8 @@ TYPES: dict[str, type] = {
         m.Pong,
         VoteRequest,
         VoteReply,
+        MirrorClaim,
+        MirrorReply,
         Hello,
         Refused,
         EventBatch,

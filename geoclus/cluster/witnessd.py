@@ -44,11 +44,24 @@ from geoclus.config import Endpoint, parse_endpoint, read_toml
 from geoclus.control import serve_control
 from geoclus.errors import ConfigError, GeoclusError
 from geoclus.tlsstream import wrap_server
+from quorum.mirror import MirrorArbiter, MirrorClaim, arbiter_state, restore_arbiter
 from quorum.witness import VoteRequest, WitnessCore, _Holder
 
 log = logging.getLogger("geoclus.witness")
 STATE_FILE = "witness-state.json"
-_ALLOWED = {"cluster", "listen", "ca", "cert", "key", "state_dir", "nodes", "lease_s", "collect_s"}
+_ALLOWED = {
+    "cluster",
+    "listen",
+    "ca",
+    "cert",
+    "key",
+    "state_dir",
+    "nodes",
+    "lease_s",
+    "collect_s",
+    "mirrors",
+    "prefer_primary_s",
+}
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,8 @@ class WitnessConfig:
     nodes: tuple[str, ...]
     lease_s: float
     collect_s: float
+    mirrors: tuple[str, ...] = ()
+    prefer_primary_s: float = 9.6
 
 
 def load_witness_config(path: str) -> WitnessConfig:
@@ -100,6 +115,15 @@ def load_witness_config(path: str) -> WitnessConfig:
     nodes = w.get("nodes")
     if not isinstance(nodes, list) or not nodes or not all(isinstance(n, str) for n in nodes):
         raise ConfigError(path, "witness.nodes", "must list the cluster's node names")
+    mirrors = w.get("mirrors", [])
+    if not isinstance(mirrors, list) or not all(isinstance(n, str) and n for n in mirrors):
+        raise ConfigError(
+            path, "witness.mirrors", "must list the quorum volume mirrors' certificate names"
+        )
+    if set(mirrors) & set(nodes):
+        raise ConfigError(
+            path, "witness.mirrors", "a mirror's name must differ from every node's name"
+        )
     listen = parse_endpoint(text("listen"), lambda p: ConfigError(path, "witness.listen", p))
     lease_s = seconds("lease_s", 9.6)
     collect_s = seconds("collect_s", 1.2)
@@ -116,6 +140,8 @@ def load_witness_config(path: str) -> WitnessConfig:
         nodes=tuple(nodes),
         lease_s=lease_s,
         collect_s=collect_s,
+        mirrors=tuple(mirrors),
+        prefer_primary_s=seconds("prefer_primary_s", lease_s),
     )
 
 
@@ -166,11 +192,19 @@ class WitnessDaemon:
         self._lock = trio.Lock()
         self.refused_connections = 0
         self.connected: set[str] = set()
+        self.mirrors = MirrorArbiter(cfg.lease_s, cfg.prefer_primary_s)
+        self._mirror_conns: dict[str, trio.CancelScope] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         now = trio.current_time()
         if self._saved is not None:
             self.core = restore_witness(self._saved, self.cfg.lease_s, self.cfg.collect_s, now)
+            try:
+                self.mirrors = restore_arbiter(
+                    self._saved.get("mirrors", {}), self.cfg.lease_s, self.cfg.prefer_primary_s, now
+                )
+            except ValueError as exc:
+                raise GeoclusError(f"{self.state._file(STATE_FILE)}: {exc}") from None
         listeners = await trio.open_tcp_listeners(self.cfg.listen.port, host=self.cfg.listen.host)
         async with trio.open_nursery() as n:
             n.start_soon(trio.serve_listeners, self._serve, listeners)
@@ -193,8 +227,8 @@ class WitnessDaemon:
                 with trio.fail_after(5):
                     hello = await reader.next(tls)
                 why = None
-                if name not in self.cfg.nodes:
-                    why = f"{name} is not a node of cluster {self.cfg.cluster}"
+                if name not in self.cfg.nodes and name not in self.cfg.mirrors:
+                    why = f"{name} is not a node or a mirror of cluster {self.cfg.cluster}"
                 elif not isinstance(hello, wire.Hello) or hello.cluster != self.cfg.cluster:
                     why = f"this witness serves cluster {self.cfg.cluster}"
                 if why is not None:
@@ -203,15 +237,18 @@ class WitnessDaemon:
                     return
                 await tls.send_all(wire.encode(wire.Hello(self.cfg.cluster, "witness", 0, -1, "")))
                 self.connected.add(name)
+                if name in self.cfg.mirrors:
+                    await self._serve_mirror(name, tls, reader)
+                    return
                 while True:
                     req = await reader.next(tls)
                     if not isinstance(req, VoteRequest):
                         raise wire.WireError(f"expected a VoteRequest, got {type(req).__name__}")
                     async with self._lock:
-                        before = witness_state(self.core, trio.current_time())
+                        before = self._state(trio.current_time())
                         now = trio.current_time()
                         reply = self.core.on_request(req, now)
-                        after = witness_state(self.core, now)
+                        after = self._state(now)
                         if _changed(before, after):
                             await trio.to_thread.run_sync(self.state.save_json, STATE_FILE, after)
                     await tls.send_all(wire.encode(reply))
@@ -219,6 +256,41 @@ class WitnessDaemon:
                 log.debug("connection from %s: %s", name, e)
             finally:
                 self.connected.discard(name)
+
+    def _state(self, now: float) -> dict[str, Any]:
+        return {**witness_state(self.core, now), "mirrors": arbiter_state(self.mirrors)}
+
+    async def _serve_mirror(self, name: str, tls: Any, reader: wire.FrameReader) -> None:
+        """A quorum-volume mirror's claims, in order. A newer connection from
+        the same mirror ends this one first, so claims are decided in the
+        order the mirror sent them (nothing left in an old connection is
+        decided after a newer claim)."""
+        old = self._mirror_conns.pop(name, None)
+        if old is not None:
+            old.cancel()
+        with trio.CancelScope() as scope:
+            self._mirror_conns[name] = scope
+            try:
+                while True:
+                    claim = await reader.next(tls)
+                    if not isinstance(claim, MirrorClaim):
+                        raise wire.WireError(f"expected a MirrorClaim, got {type(claim).__name__}")
+                    if claim.mirror != name:
+                        raise wire.WireError(
+                            f"{name} claims for mirror {claim.mirror!r}: a mirror claims "
+                            "only for itself"
+                        )
+                    async with self._lock:
+                        now = trio.current_time()
+                        before = self._state(now)
+                        reply = self.mirrors.on_claim(claim, now)
+                        after = self._state(now)
+                        if _changed(before, after):
+                            await trio.to_thread.run_sync(self.state.save_json, STATE_FILE, after)
+                    await tls.send_all(wire.encode(reply))
+            finally:
+                if self._mirror_conns.get(name) is scope:
+                    del self._mirror_conns[name]
 
     def status(self) -> dict[str, Any]:
         now = trio.current_time()
@@ -243,6 +315,17 @@ class WitnessDaemon:
             "refused_connections": self.refused_connections,
             "connected": sorted(self.connected),
             "lease_s": self.cfg.lease_s,
+            "mirrors": {
+                volume: {
+                    "holder": t.holder or None,
+                    "epoch": t.epoch,
+                    "alone": t.alone,
+                    "lease_left_s": round(max(0.0, t.lease_until - now), 3),
+                    "grants": t.grants,
+                    "refusals": t.refusals,
+                }
+                for volume, t in sorted((self.mirrors.tickets or {}).items())
+            },
         }
 
     async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -252,9 +335,20 @@ class WitnessDaemon:
             async with self._lock:
                 self.core.force_release()
                 await trio.to_thread.run_sync(
-                    self.state.save_json, STATE_FILE, witness_state(self.core, trio.current_time())
+                    self.state.save_json, STATE_FILE, self._state(trio.current_time())
                 )
             return {"released": True}
+        if req["cmd"] == "release-mirror":
+            volume = req.get("volume")
+            if not isinstance(volume, str):
+                raise GeoclusError('release-mirror needs "volume": the volume\'s name')
+            async with self._lock:
+                if not self.mirrors.release(volume):
+                    raise GeoclusError(f"no mirror of volume {volume!r} ever asked this witness")
+                await trio.to_thread.run_sync(
+                    self.state.save_json, STATE_FILE, self._state(trio.current_time())
+                )
+            return {"released": volume}
         raise GeoclusError(f"unknown command {req['cmd']!r}")
 
 
@@ -267,4 +361,8 @@ def _changed(a: dict[str, Any], b: dict[str, Any]) -> bool:
         or a["holder"]["members"] != b["holder"]["members"]
     ):
         return True
-    return a["recorded"] != b["recorded"] or a["highest_view"] != b["highest_view"]
+    return (
+        a["recorded"] != b["recorded"]
+        or a["highest_view"] != b["highest_view"]
+        or a.get("mirrors") != b.get("mirrors")
+    )

@@ -84,6 +84,7 @@ class ClusterLab:
     )
     log_compact_entries: int = 1000
     disk_tls: bool = True  # the quorum disk's exports over NBD STARTTLS
+    mirror_witness: bool = False  # disk: the witness decides which mirror runs alone
     netns: str = field(default_factory=lambda: f"gclab-{uuid.uuid4().hex[:8]}")
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     nodes: dict[str, str] = field(default_factory=dict)  # name -> site
@@ -96,7 +97,7 @@ class ClusterLab:
 
     @property
     def witness(self) -> bool:
-        return self.quorum == "majority+witness"
+        return self.quorum == "majority+witness" or (self.disk and self.mirror_witness)
 
     @property
     def disk(self) -> bool:
@@ -111,8 +112,10 @@ class ClusterLab:
         a, b = self.site_names[:2]
         for site, role, peer in ((a, "primary", b), (b, "secondary", a)):
             export_tls = ""
-            if self.disk_tls:  # the nodes reach the export with STARTTLS, cluster CA
+            cert = os.path.join(self.workdir, "ca", f"qvol-{site}.crt")
+            if (self.disk_tls or self.mirror_witness) and not os.path.exists(cert):
                 issue_node_cert(os.path.join(self.workdir, "ca"), f"qvol-{site}")
+            if self.disk_tls:  # the nodes reach the export with STARTTLS, cluster CA
                 export_tls = (
                     f'tls = {{ ca = "ca/ca.crt", cert = "ca/qvol-{site}.crt", '
                     f'key = "ca/qvol-{site}.key" }}\n'
@@ -128,6 +131,12 @@ class ClusterLab:
                 + export_tls
                 + f'[control]\nsocket = "qvol-{site}.ctl"\n'
             )
+            if self.mirror_witness:
+                text += (
+                    f'[witness]\naddress = "{WITNESS_ADDR}:{WITNESS_PORT}"\ncluster = "lab"\n'
+                    f'ca = "ca/ca.crt"\ncert = "ca/qvol-{site}.crt"\nkey = "ca/qvol-{site}.key"\n'
+                    "renew_s = 0.3\n"
+                )
             with open(os.path.join(self.workdir, f"qvol-{site}.toml"), "w") as f:
                 f.write(text)
 
@@ -145,6 +154,11 @@ class ClusterLab:
 
     def mirror_status(self, site: str) -> dict[str, Any]:
         return request(os.path.join(self.workdir, f"qvol-{site}.ctl"), "status", 5.0)
+
+    def ask_volume_events(self, site: str) -> list[dict[str, Any]]:
+        """The quorum volume's events at ``site``'s mirror."""
+        path = os.path.join(self.workdir, f"qvol-{site}.ctl")
+        return list(request(path, "events", 5.0, since=0)["events"])
 
     def config(self, node: str) -> str:
         return os.path.join(self.workdir, f"{node}.toml")
@@ -168,6 +182,9 @@ class ClusterLab:
             timers = {**LAB_DISK_TIMERS, **timers}
             if self.disk_tls:
                 args += ["--quorum-disk-tls"]
+            if self.mirror_witness:
+                for site in self.site_names[:2]:
+                    args += ["--mirror-name", f"qvol-{site}"]
         for k, v in timers.items():
             args += ["--timer", f"{k}={v}"]
         args += ["--log-compact-entries", str(self.log_compact_entries)]
