@@ -470,6 +470,8 @@ def test_disk_quorum_the_witness_decides_the_degraded_mirror(lab_factory):
     assert st["role"] == "primary" and st["witness"]["by_witness"], st
     ticket = _witness_ticket(lab)
     assert ticket["holder"] == "qvol-B" and ticket["alone"] and ticket["epoch"] == 2, ticket
+    text = lab.cli("witness", "status", "--config", lab.config("witness")).stdout
+    assert "volume quorum: ticket held by qvol-B (epoch 2)" in text, text
     events = " | ".join(e["message"] for e in lab.ask_volume_events("B"))
     assert "the witness granted this mirror the volume: promoting it" in events, events
     values = json.loads(lab.cli("cluster", "get", "--json", "--config", lab.config("b2")).stdout)[

@@ -19,7 +19,7 @@ from geoclus.cli import main
 from geoclus.cluster import wire
 from geoclus.cluster.witnessd import STATE_FILE, WitnessDaemon, load_witness_config
 from geoclus.config import parse_config
-from geoclus.errors import ConfigError
+from geoclus.errors import ConfigError, GeoclusError
 from geoclus.tlsstream import wrap_client
 from quorum.mirror import MirrorClaim, MirrorReply
 
@@ -199,6 +199,13 @@ def test_the_witness_process_answers_mirror_claims_over_mutual_tls(tmp_path: Pat
             assert st["holder"] == "qvol-1" and st["alone"] and st["lease_left_s"] > 29
             still = (await exchange("qvol-2", [claim("qvol-2", "secondary")]))[-1]
             assert isinstance(still, MirrorReply) and "outdated" in still.reason
+            # the operator's override: the outdated mark is gone (the next
+            # secondary claim waits only for the primary preference)
+            assert await d._control({"cmd": "release-mirror", "volume": "quorum"})
+            freed = (await exchange("qvol-2", [claim("qvol-2", "secondary")]))[-1]
+            assert isinstance(freed, MirrorReply) and "waiting" in freed.reason, freed
+            with pytest.raises(GeoclusError, match="no mirror of volume 'other'"):
+                await d._control({"cmd": "release-mirror", "volume": "other"})
             n.cancel_scope.cancel()
 
     trio.run(after_restart)

@@ -599,3 +599,36 @@ def witness_status(config_path: str, as_json: bool) -> None:
         f"recorded log position {st['recorded']}; {st['grants']} grants, "
         f"{st['refusals']} refusals; connected: {', '.join(st['connected']) or '-'}"
     )
+    for volume, t in st.get("mirrors", {}).items():
+        alone = (
+            f"may run alone ({t['lease_left_s']:.1f} s of lease left)"
+            if t["lease_left_s"] > 0
+            else "lease ended"
+        )
+        mark = (
+            "; the other mirror is OUTDATED until the holder reports the sync" if t["alone"] else ""
+        )
+        click.echo(
+            f"volume {volume}: ticket held by {t['holder'] or 'nobody'} (epoch {t['epoch']}), "
+            f"{alone}{mark}; {t['grants']} grants, {t['refusals']} refusals"
+        )
+
+
+@witness.command("release-mirror")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--volume", "volume", required=True, help="The replicated volume's name.")
+def witness_release_mirror(config_path: str, volume: str) -> None:
+    """Operator override: forget which mirror of VOLUME holds the ticket and
+    which one is outdated. Only after checking, by hand, which copy is current
+    (e.g. the holder's site is destroyed and its alone writes are given up)."""
+    from geoclus.cluster.witnessd import load_witness_config
+
+    try:
+        cfg = load_witness_config(config_path)
+        request(os.path.join(cfg.state_dir, "control.sock"), "release-mirror", volume=volume)
+    except GeoclusError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"released the ticket of volume {volume}: the next claim decides (a secondary after "
+        "the primary preference)"
+    )
