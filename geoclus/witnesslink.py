@@ -55,6 +55,7 @@ class MirrorWitness:
         self.last_error = ""
         self._said: dict[str, str] = {}
         self._unsynced_since: dict[str, float] = {}
+        self._started: dict[str, float] = {}
         self._send, self._recv = trio.open_memory_channel[Any](4 * len(volumes) + 4)
 
     async def run(self) -> None:
@@ -88,9 +89,12 @@ class MirrorWitness:
         if in_sync:
             self._unsynced_since.pop(name, None)
         since = self._unsynced_since.setdefault(name, now) if not in_sync else now
-        # Not in sync for a moment (a start, a reconnect): no claim yet.
+        # Not in sync for a moment (a reconnect), or just started (the link
+        # gets connect_timeout_s to come up): no claim yet.
+        started = self._started.setdefault(name, now)
+        settled = now - started >= vol.spec.timers.connect_timeout_s
         claim = None
-        if in_sync or now - since >= self.cfg.renew_s:
+        if in_sync or (settled and now - since >= self.cfg.renew_s):
             claim = g.poll(now, role, peer_ok, in_sync)
         if claim is not None:
             # The link is down or slow when full: the next poll sends a fresh claim.

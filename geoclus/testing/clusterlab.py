@@ -115,7 +115,13 @@ class ClusterLab:
             cert = os.path.join(self.workdir, "ca", f"qvol-{site}.crt")
             if (self.disk_tls or self.mirror_witness) and not os.path.exists(cert):
                 issue_node_cert(os.path.join(self.workdir, "ca"), f"qvol-{site}")
+            rep_tls = "false"
             if self.disk_tls:  # the nodes reach the export with STARTTLS, cluster CA
+                # and the mirrors replicate over mutual TLS, each checking the other's name
+                rep_tls = (
+                    f'{{ ca = "ca/ca.crt", cert = "ca/qvol-{site}.crt", '
+                    f'key = "ca/qvol-{site}.key", peer_node = "qvol-{peer}" }}'
+                )
                 export_tls = (
                     f'tls = {{ ca = "ca/ca.crt", cert = "ca/qvol-{site}.crt", '
                     f'key = "ca/qvol-{site}.key" }}\n'
@@ -125,7 +131,7 @@ class ClusterLab:
                 f'mode = "sync"\nrole = "{role}"\non_peer_loss = "suspend"\n'
                 f'[node]\nname = "qvol-{site}"\n'
                 f'[replication]\nlisten = "{self.mirror(site)}:{MIRROR_LINK_PORT}"\n'
-                f'peer = "{self.mirror(peer)}:{MIRROR_LINK_PORT}"\ntls = false\n'
+                f'peer = "{self.mirror(peer)}:{MIRROR_LINK_PORT}"\ntls = {rep_tls}\n'
                 "keepalive_interval_s = 0.3\npeer_timeout_s = 1.5\nconnect_timeout_s = 1.0\n"
                 f'[export]\nnbd = "tcp://{self.mirror(site)}:{MIRROR_NBD_PORT}"\n'
                 + export_tls
