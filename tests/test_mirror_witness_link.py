@@ -6,6 +6,7 @@ restart)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 from pathlib import Path
@@ -22,6 +23,7 @@ from geoclus.config import parse_config
 from geoclus.errors import ConfigError, GeoclusError
 from geoclus.tlsstream import wrap_client
 from quorum.mirror import MirrorClaim, MirrorReply
+from tests.test_config import BASE
 
 
 @pytest.fixture(scope="module")
@@ -81,28 +83,18 @@ def test_witness_config_refuses_a_mirror_named_like_a_node(disk_cluster: Path, t
 
 
 def _volume_doc(ca_dir: Path, **witness: object) -> dict:
-    return {
-        "volume": {
-            "name": "quorum",
-            "size": "4MiB",
-            "store": "q.img",
-            "mode": "sync",
-            "role": "primary",
-            "on_peer_loss": "suspend",
-        },
-        "node": {"name": "qvol-1"},
-        "replication": {"listen": "127.0.0.1:7790", "peer": "127.0.0.1:7791", "tls": False},
-        "export": {"nbd": "q.nbd"},
-        "control": {"socket": "q.ctl"},
-        "witness": {
-            "address": "127.0.0.3:7850",
-            "cluster": "prod",
-            "ca": str(ca_dir / "ca.crt"),
-            "cert": str(ca_dir / "qvol-1.crt"),
-            "key": str(ca_dir / "qvol-1.key"),
-            **witness,
-        },
+    doc = copy.deepcopy(BASE)  # a valid sync volume
+    doc["volume"].update(name="quorum", size="4MiB", on_peer_loss="suspend")
+    doc["node"]["name"] = "qvol-1"
+    doc["witness"] = {
+        "address": "127.0.0.3:7850",
+        "cluster": "prod",
+        "ca": str(ca_dir / "ca.crt"),
+        "cert": str(ca_dir / "qvol-1.crt"),
+        "key": str(ca_dir / "qvol-1.key"),
+        **witness,
     }
+    return doc
 
 
 def test_volume_witness_table_is_checked_naming_the_key(disk_cluster: Path) -> None:
