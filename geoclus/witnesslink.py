@@ -94,7 +94,12 @@ class MirrorWitness:
         started = self._started.setdefault(name, now)
         settled = now - started >= vol.spec.timers.connect_timeout_s
         claim = None
-        if in_sync or (settled and now - since >= self.cfg.renew_s):
+        if role == SECONDARY and not peer_ok and vol.consistency == "inconsistent":
+            # A half-replayed copy is never a candidate to run alone.
+            self._say(
+                vol, "inconsistent", "this copy is inconsistent: it does not ask to run alone"
+            )
+        elif in_sync or (settled and now - since >= self.cfg.renew_s):
             claim = g.poll(now, role, peer_ok, in_sync)
         if claim is not None:
             # The link is down or slow when full: the next poll sends a fresh claim.
@@ -103,7 +108,11 @@ class MirrorWitness:
         allowed = g.alone_allowed(now)
         if role == SECONDARY and allowed and not peer_ok:
             self._event(vol, "the witness granted this mirror the volume: promoting it (forced)")
-            await vol.promote(force=True)
+            try:
+                await vol.promote(force=True)
+            except GeoclusError as exc:
+                self._say(vol, "promote", f"promotion failed: {exc}")
+                return
             role = PRIMARY
         core = vol.primary
         if role == PRIMARY and core is not None:
